@@ -1,0 +1,288 @@
+"""The decode loop: vanilla, EAGLE-1 (static tree) and EAGLE-2 (dynamic tree) in one engine.
+
+Every method runs the same cycle on the same model and forward path:
+  draft  -> a tree rooted at the last committed token (vanilla: the root alone)
+  verify -> one target forward over the tree with a 4D mask, then the target's draw at every node
+  accept -> the longest root path matching those draws, plus the bonus token
+  commit -> keep the accepted entries in the target's KV cache; queue them for the draft head
+Greedy output is the target's argmax sequence whatever the drafter guesses; sampled output follows the
+target's distribution (see engine/verify.py). One host sync per cycle: a single packed `.tolist()`.
+
+`Engine.generate` is a generator of plain event dicts (engine/events.py); it knows nothing of HTML.
+"""
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from engine.config import GenerationConfig, TreeConfig
+from engine.detok import IncrementalDetokenizer
+from engine.draft import Drafter
+from engine.events import CycleEvent, EndEvent, StartEvent, Totals, TreeView
+from engine.head import DraftHead
+from engine.kv import commit_path, new_cache
+from engine.tree import EAGLE1_DEFAULT_TREE, StaticPlan, Tree, root_only, static_plan
+from engine.verify import accept, draw_tokens, target_forward, tree_attention_mask
+
+SCORE_SCALE = 10_000  # scores travel to the host packed as integers, with 4 decimals
+
+
+class ContextTooLong(ValueError):
+    """The prompt does not fit in the model's context window."""
+
+
+class Stopwatch:
+    """Stage timings without extra host syncs: CUDA events are read after the cycle's one sync."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1000.0
+
+
+@dataclass
+class DecodeState:
+    """What one request carries from cycle to cycle."""
+
+    cache: object  # the target's KV cache
+    past_len: int  # tokens in the target's cache
+    pending: torch.Tensor  # () last committed token, not yet in the target's cache: the next root
+    pairs: tuple[torch.Tensor, torch.Tensor] | None  # (tokens (a,), features (a, H)) to feed the head
+    output: list[int] = field(default_factory=list)
+    totals: Totals = field(default_factory=Totals)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, head: DraftHead | None = None, static_tree=EAGLE1_DEFAULT_TREE):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.head = head
+        self.static_tree = static_tree
+        weight = model.get_output_embeddings().weight
+        self.device = weight.device
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.context_length = int(model.config.max_position_embeddings)
+        self.eos_ids = self._eos_ids()
+        self.stopwatch = Stopwatch(self.device)
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for value in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(int(v) for v in value)
+        return ids
+
+    # ---- text helpers -------------------------------------------------------------------------
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):  # BatchEncoding in some tokenizers
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def trim_messages(self, messages: list[dict], reserve_tokens: int) -> tuple[list[dict], int]:
+        """Drop the oldest turns (never the system prompt or the last message) until the prompt plus
+        `reserve_tokens` fits the context. Returns (messages, number dropped)."""
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        rest = messages[len(system) :]
+        dropped = 0
+        while len(self.chat_ids(system + rest)) + reserve_tokens > self.context_length:
+            if len(rest) <= 1:
+                raise ContextTooLong(
+                    f"the message is too long: it needs {len(self.chat_ids(system + rest))} tokens plus "
+                    f"{reserve_tokens} for the reply, and the model's context is {self.context_length}; "
+                    f"shorten it or lower max new tokens"
+                )
+            rest = rest[1:]
+            dropped += 1
+        return system + rest, dropped
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+
+    def describe(self) -> str:
+        name = getattr(self.model.config, "_name_or_path", "") or self.model.config.model_type
+        head = "no draft head (vanilla only)" if self.head is None else "EAGLE head loaded"
+        return f"{name} · {str(self.dtype).removeprefix('torch.')} · {self.device} · {head}"
+
+    # ---- decoding -----------------------------------------------------------------------------
+
+    def generate(self, prompt_ids: list[int], config: GenerationConfig, cancel=None):
+        """Yield start, one cycle event per verify step (cycle 0 is the prefill's token), then end."""
+        config.validate()
+        if config.method != "vanilla" and self.head is None:
+            raise ValueError(f"method {config.method} needs a draft head; load one with --head or use vanilla")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.context_length:
+            raise ContextTooLong(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.context_length}"
+            )
+        generator = None
+        if not config.sampling.greedy:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+        plan = static_plan(self.static_tree, config.tree.depth, config.tree.total_tokens)
+        drafter = None
+        if config.method != "vanilla":
+            budget = min(len(prompt_ids) + config.max_new_tokens + 1, self.context_length)
+            scratch = max(config.tree.depth * config.tree.top_k, len(plan.parents))
+            drafter = Drafter(self.head, self.model.get_input_embeddings(), self.model.lm_head, budget + scratch)
+
+        yield asdict(StartEvent(config.method, len(prompt_ids), config.to_dict()))
+        start = time.perf_counter()
+        detok = IncrementalDetokenizer(self.tokenizer)
+        state, first_ms = self._prefill(prompt_ids, config, generator, drafter)
+        state.totals.prefill_ms = first_ms
+        first = int(state.pending)
+        finish = self._finish_reason([first], config, state)
+        new_ids = [first]
+        event = CycleEvent(0, new_ids, "", None, [], first, 0.0, first_ms)
+        while True:
+            state.output.extend(event.new_token_ids)
+            text = detok.add([t for t in event.new_token_ids if t not in self.eos_ids])
+            text, hit = self._apply_stop_strings(detok, text, config.stop)
+            finish = finish or ("stop_string" if hit else None)
+            event.text = text
+            totals = state.totals
+            totals.new_tokens = len(state.output)
+            totals.elapsed_s = time.perf_counter() - start
+            totals.tokens_per_s = totals.new_tokens / max(totals.elapsed_s, 1e-9)
+            totals.tau = (totals.new_tokens - 1) / totals.cycles if totals.cycles else 0.0
+            event.totals = replace(totals)
+            yield asdict(event)
+            if finish is None and cancel is not None and cancel.is_set():
+                finish = "cancelled"
+            if finish is None and state.past_len >= self.context_length:
+                finish = "context_length"
+            if finish is not None:
+                break
+            event = self._cycle(state, config, generator, drafter, plan)
+            finish = self._finish_reason(event.new_token_ids, config, state)
+            if finish in ("eos", "max_new_tokens"):
+                event.new_token_ids = self._cut(event.new_token_ids, config, state)
+        yield asdict(EndEvent(finish, self._finish_message(finish), detok.text, state.output, replace(state.totals)))
+
+    @torch.no_grad()
+    def _prefill(self, prompt_ids, config, generator, drafter):
+        mark = self.stopwatch.mark()
+        cache = new_cache(self.model)
+        ids = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)  # (T,)
+        positions = torch.arange(len(prompt_ids), device=self.device)
+        features, _ = target_forward(self.model, ids, positions, None, cache, logits=False)
+        logits = self.model.lm_head(features[-1:]).float()  # (1, V)
+        first = draw_tokens(logits, config.sampling, generator)  # (1,)
+        pairs = None
+        if drafter is not None:  # pairs (f_i, x_{i+1}): the prompt shifted by one, then the new token
+            pairs = (torch.cat([ids[1:], first]), features)
+        state = DecodeState(cache, len(prompt_ids), first[0], pairs)
+        int(first)  # the prefill's sync: its time is real
+        return state, self.stopwatch.ms(mark, self.stopwatch.mark())
+
+    @torch.no_grad()
+    def _cycle(self, state: DecodeState, config: GenerationConfig, generator, drafter: Drafter | None, plan: StaticPlan) -> CycleEvent:
+        t0 = self.stopwatch.mark()
+        tree = self._draft(state, config, drafter, plan)
+        t1 = self.stopwatch.mark()
+        positions = state.past_len + tree.depths  # (n,)
+        mask = tree_attention_mask(tree, state.past_len, self.dtype)
+        features, logits = target_forward(self.model, tree.tokens, positions, mask, state.cache)
+        drawn = draw_tokens(logits, config.sampling, generator)  # (n,)
+        best = accept(tree, drawn)  # ()
+        packed = torch.cat(  # one host sync for everything the event and the commit need
+            [
+                tree.paths[best],
+                drawn[best].view(1),
+                tree.tokens,
+                tree.parents,
+                tree.depths,
+                (tree.scores * SCORE_SCALE).round().long(),
+            ]
+        ).tolist()
+        t2 = self.stopwatch.mark()
+        d, n = tree.paths.shape[1], tree.size
+        path = [j for j in packed[:d] if j >= 0]
+        bonus = packed[d]
+        tokens = packed[d + 1 : d + 1 + n]
+        accepted = len(path)
+        path_t = tree.paths[best][:accepted]  # (a,)
+        commit_path(state.cache, state.past_len, path_t)
+        state.past_len += accepted
+        state.pending = drawn[best]
+        if drafter is not None:
+            state.pairs = (torch.cat([tree.tokens[path_t[1:]], drawn[best].view(1)]), features[path_t])
+        state.totals.cycles += 1
+        draft_ms, verify_ms = self.stopwatch.ms(t0, t1), self.stopwatch.ms(t1, t2)
+        state.totals.draft_ms += draft_ms
+        state.totals.verify_ms += verify_ms
+        view = None
+        if config.method != "vanilla":
+            rest = packed[d + 1 + n :]
+            view = TreeView(tokens, rest[:n], rest[n : 2 * n], [s / SCORE_SCALE for s in rest[2 * n :]])
+        new_ids = [tokens[j] for j in path[1:]] + [bonus]
+        return CycleEvent(state.totals.cycles, new_ids, "", view, path, bonus, draft_ms, verify_ms)
+
+    def _draft(self, state: DecodeState, config: GenerationConfig, drafter: Drafter | None, plan: StaticPlan) -> Tree:
+        room = self.context_length - state.past_len  # cache slots left, the root included
+        if drafter is None:
+            return root_only(state.pending)
+        root_hidden = drafter.extend(*state.pairs)  # commit last cycle's pairs (keeps the head in step)
+        if config.method == "eagle2" and room >= 2:
+            tree_cfg = config.tree
+            if tree_cfg.total_tokens > room - 1:
+                tree_cfg = replace(tree_cfg, total_tokens=room - 1)
+            return drafter.dynamic_tree(state.pending, root_hidden, tree_cfg)
+        if config.method == "eagle1" and len(plan.parents) <= room:
+            return drafter.static_tree(state.pending, root_hidden, plan)
+        return root_only(state.pending)  # near the context limit: one token at a time
+
+    # ---- stopping -----------------------------------------------------------------------------
+
+    def _finish_reason(self, new_ids: list[int], config: GenerationConfig, state: DecodeState) -> str | None:
+        if any(t in self.eos_ids for t in new_ids[: max(config.max_new_tokens - len(state.output), 0)]):
+            return "eos"
+        if len(state.output) + len(new_ids) >= config.max_new_tokens:
+            return "max_new_tokens"
+        return None
+
+    def _cut(self, new_ids: list[int], config: GenerationConfig, state: DecodeState) -> list[int]:
+        new_ids = new_ids[: config.max_new_tokens - len(state.output)]
+        for i, t in enumerate(new_ids):
+            if t in self.eos_ids:
+                return new_ids[: i + 1]
+        return new_ids
+
+    @staticmethod
+    def _apply_stop_strings(detok: IncrementalDetokenizer, delta: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+        """Trim the reply at the first stop string; returns the delta to emit and whether one was hit."""
+        if not stops or not delta:
+            return delta, False
+        window_start = max(0, len(detok.text) - len(delta) - max(len(s) for s in stops))
+        window = detok.text[window_start:]
+        hits = [window.find(s) for s in stops if s and s in window]
+        if not hits:
+            return delta, False
+        cut = window_start + min(hits)
+        emitted_before = len(detok.text) - len(delta)
+        detok.text = detok.text[:cut]
+        return detok.text[emitted_before:] if cut > emitted_before else "", True
+
+    def _finish_message(self, reason: str) -> str:
+        return {
+            "eos": "the model ended its reply",
+            "max_new_tokens": "reached the max new tokens limit",
+            "stop_string": "stopped at a stop string",
+            "context_length": f"stopped at the model's context length ({self.context_length} tokens)",
+            "cancelled": "stopped by the user",
+        }[reason]

@@ -1,0 +1,147 @@
+"""Drafting: run the EAGLE head over committed context and grow a draft tree from the root.
+
+The head sees pairs (feature_i, token_{i+1}) at position i and predicts feature_{i+1}; the target's
+lm_head turns a predicted feature into next-token log-probs. `extend` adds committed pairs to the
+head's cache and returns the hidden state that predicts the children of the next root. Growing a tree
+writes scratch entries after the committed length; `extend` drops them before adding new pairs, so the
+cache holds only committed context between cycles.
+
+Every tensor stays on the device: no `.item()`, no Python loop over nodes (loops run over depth).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import TreeConfig
+from engine.head import DraftHead
+from engine.tree import StaticPlan, Tree, make_tree, select_dynamic
+
+
+class Drafter:
+    def __init__(self, head: DraftHead, embed: torch.nn.Module, lm_head: torch.nn.Module, capacity: int):
+        self.head = head
+        self.embed = head.embed_tokens if head.embed_tokens is not None else embed
+        self.lm_head = lm_head
+        self.cache = head.new_cache(capacity)
+        self.device = head.fc.weight.device
+        self._static: dict = {}  # StaticPlan -> its tensors on this device
+
+    def reset(self) -> None:
+        self.cache.truncate(0)
+
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:  # (t, H) -> (t, V) float32
+        return F.log_softmax(self.lm_head(hidden).float(), dim=-1)
+
+    def _run(self, tokens, features, positions, scratch_mask):
+        """Feed t (token, feature) pairs; scratch_mask (t, scratch slots incl. these) or None for causal."""
+        L, t = self.cache.length, tokens.shape[0]
+        if scratch_mask is None:  # committed pairs: causal over context + themselves
+            new = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
+            mask = torch.cat([torch.ones(t, self.cache.used, dtype=torch.bool, device=self.device), new], dim=1)
+        else:
+            mask = torch.cat([torch.ones(t, L, dtype=torch.bool, device=self.device), scratch_mask], dim=1)
+        h = self.head(
+            self.embed(tokens)[None].to(self.head.fc.weight.dtype),  # (1, t, H)
+            features[None],
+            positions[None],
+            mask[None, None],
+            self.cache,
+        )
+        return h[0]  # (t, H)
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Commit pairs (features[i], tokens[i]); returns the hidden (H,) that drafts the next root."""
+        self.cache.truncate(self.cache.length)
+        start = self.cache.length
+        positions = torch.arange(start, start + tokens.shape[0], device=self.device)
+        h = self._run(tokens, features, positions, None)
+        self.cache.commit()
+        return h[-1]
+
+    @torch.no_grad()
+    def dynamic_tree(self, root_token: torch.Tensor, root_hidden: torch.Tensor, cfg: TreeConfig) -> Tree:
+        """EAGLE-2: expand the top-k frontier by cumulative log-prob to `depth`, rerank all candidates."""
+        k, dev = cfg.top_k, self.device
+        L = self.cache.length  # root pair sits at position L - 1; a depth-d node is fed at L - 1 + d
+        logp = self._logprobs(root_hidden[None])[0]  # (V,)
+        scores, tokens = logp.topk(k)  # (k,)
+        pool_tokens, pool_scores = [tokens], [scores]
+        pool_parents = [torch.full((k,), -1, dtype=torch.long, device=dev)]
+        pool_depths = [torch.ones(k, dtype=torch.long, device=dev)]
+        frontier = torch.arange(k, device=dev)  # pool indices
+        feats = root_hidden.expand(k, -1)  # (k, H) parent hidden of each frontier node
+        slots = torch.zeros(k, (cfg.depth - 1) * k, dtype=torch.bool, device=dev)  # scratch visibility
+        rows = torch.arange(k, device=dev)
+        offset = k
+        for d in range(2, cfg.depth + 1):
+            step = d - 2
+            slots[rows, step * k + rows] = True  # each frontier node sees its own new slot
+            positions = torch.full((k,), L - 2 + d, dtype=torch.long, device=dev)
+            h = self._run(tokens, feats, positions, slots[:, : (step + 1) * k])  # (k, H)
+            top_s, top_t = self._logprobs(h).topk(k, dim=-1)  # (k, k)
+            cand = (scores[:, None] + top_s).flatten()  # (k*k,) cumulative
+            pool_tokens.append(top_t.flatten())
+            pool_scores.append(cand)
+            pool_parents.append(frontier.repeat_interleave(k))
+            pool_depths.append(torch.full((k * k,), d, dtype=torch.long, device=dev))
+            best = cand.topk(k).indices  # (k,) next frontier
+            parent_row = best // k
+            frontier, tokens, scores = offset + best, top_t.flatten()[best], cand[best]
+            feats, slots = h[parent_row], slots[parent_row]
+            offset += k * k
+        return select_dynamic(
+            root_token,
+            torch.cat(pool_tokens),
+            torch.cat(pool_parents),
+            torch.cat(pool_depths),
+            torch.cat(pool_scores),
+            cfg.total_tokens,
+            cfg.depth,
+        )
+
+    @torch.no_grad()
+    def static_tree(self, root_token: torch.Tensor, root_hidden: torch.Tensor, plan: StaticPlan) -> Tree:
+        """EAGLE-1: fill a fixed tree shape with the draft's ranked guesses, depth by depth."""
+        dev, n = self.device, len(plan.parents)
+        L = self.cache.length
+        tokens = torch.zeros(n, dtype=torch.long, device=dev)
+        scores = torch.zeros(n, dtype=torch.float32, device=dev)
+        hidden = torch.zeros(n, root_hidden.shape[-1], dtype=root_hidden.dtype, device=dev)
+        tokens[0] = root_token
+        hidden[0] = root_hidden
+        parents, depths, steps = self._plan_tensors(plan)
+        for d, step in enumerate(steps, start=1):
+            if d == 1:
+                logp = self._logprobs(root_hidden[None])  # (1, V)
+            else:
+                fed = step["fed"]  # (f,)
+                positions = torch.full((fed.shape[0],), L - 2 + d, dtype=torch.long, device=dev)
+                h = self._run(tokens[fed], hidden[parents[fed]], positions, step["mask"])  # (f, H)
+                hidden[fed] = h
+                logp = self._logprobs(h)  # (f, V)
+            top_s, top_t = logp.topk(plan.top_k, dim=-1)  # (f, top_k)
+            children, rows, ranks = step["children"], step["rows"], step["ranks"]
+            tokens[children] = top_t[rows, ranks]
+            scores[children] = scores[parents[children]] + top_s[rows, ranks]
+        return make_tree(tokens, parents, depths, scores, max(plan.depths))
+
+    def _plan_tensors(self, plan: StaticPlan):
+        """The plan's index tensors on this device, built once per plan."""
+        cached = self._static.get(plan)
+        if cached is None:
+            dev = self.device
+            steps = [
+                {
+                    "fed": torch.tensor(s.fed, dtype=torch.long, device=dev),
+                    "mask": torch.tensor(s.fed_mask, dtype=torch.bool, device=dev) if s.fed else None,
+                    "children": torch.tensor(s.children, dtype=torch.long, device=dev),
+                    "rows": torch.tensor(s.rows, dtype=torch.long, device=dev),
+                    "ranks": torch.tensor(s.ranks, dtype=torch.long, device=dev),
+                }
+                for s in plan.steps
+            ]
+            parents = torch.tensor(plan.parents, dtype=torch.long, device=dev)
+            cached = (parents, torch.tensor(plan.depths, dtype=torch.long, device=dev), steps)
+            self._static = {plan: cached}
+        return cached

@@ -1,0 +1,88 @@
+"""Verification: one stock-transformers forward over the whole tree, then acceptance.
+
+Tree attention is a 4D additive mask (1, 1, n, past + n) plus explicit `position_ids`; the model's own
+modeling code runs unchanged. `target_forward` returns the final-norm hidden states (the features the
+draft head reads) and logits for the tree nodes only.
+
+Acceptance, greedy and sampled, is one rule: draw the target's next token at every node (argmax, or a
+sample from the processed target distribution), then accept the longest root path whose every node is
+the token drawn at its parent; the token drawn at the last accepted node is the bonus token.
+
+Why sampling stays lossless: the EAGLE-2 tree picks children deterministically (top-k), so each
+candidate's draft distribution q is a point mass. Multi-candidate speculative sampling then tries the
+siblings in turn, accepting x with min(1, p(x)/q(x)) = p'(x) where p' is the residual left after
+removing earlier rejected siblings, and finally samples the bonus token from the last residual. That
+process emits x with probability exactly p(x) at each step, and it is equivalent in law to drawing
+x ~ p once and descending into the child holding x (stopping, with x as the bonus, if none does):
+P(accept sibling i) = prod_{j<i}(1 - p'_j(c_j)) * p'_i(c_i) = p(c_i). Each node's draw is independent,
+so every emitted token is a fresh sample from the target's conditional distribution.
+"""
+
+import torch
+
+from engine.config import SamplingConfig
+from engine.tree import Tree
+
+
+def tree_attention_mask(tree: Tree, past_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, n, past_len + n) additive mask: 0 where a node may attend, dtype-min elsewhere."""
+    n = tree.size
+    allowed = torch.cat(
+        [torch.ones(n, past_len, dtype=torch.bool, device=tree.tokens.device), tree.ancestors], dim=1
+    )  # (n, past + n)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def base_model(model):
+    return getattr(model, model.base_model_prefix)
+
+
+@torch.no_grad()
+def target_forward(model, tokens, positions, mask, cache, logits: bool = True):
+    """Run n tokens (n,) at positions (n,) through the target.
+
+    Returns features (n, H) and, when `logits`, fp32 logits (n, V); mask None means plain causal."""
+    out = base_model(model)(
+        input_ids=tokens[None],
+        position_ids=positions[None],
+        attention_mask=mask,
+        cache=cache,
+        use_cache=True,
+    )
+    features = out.last_hidden_state[0]  # (n, H), after the final norm
+    return features, (model.lm_head(features).float() if logits else None)  # (n, V)
+
+
+def processed_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Target distribution after temperature, top-k and top-p, the same for every method. (n, V)"""
+    logits = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (n, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)  # (n, V)
+        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly above each token
+        sorted_p = sorted_p.masked_fill(before >= sampling.top_p, 0.0)  # keep the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def draw_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """The target's next token at every node: argmax when greedy, else one sample each. (n,)"""
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    probs = processed_probs(logits, sampling)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def accept(tree: Tree, drawn: torch.Tensor) -> torch.Tensor:
+    """Index () of the deepest node whose whole root path matches the target's draws."""
+    match = tree.tokens == drawn[tree.parents.clamp(min=0)]  # (n,) node agrees with its parent's draw
+    match[0] = True
+    on_path = tree.paths >= 0  # (n, D+1)
+    path_ok = (match[tree.paths.clamp(min=0)] | ~on_path).all(dim=-1)  # (n,)
+    reach = torch.where(path_ok, tree.depths, -1)  # (n,)
+    return reach.argmax()
