@@ -1,0 +1,364 @@
+"""Draft-head training: self-distillation data, target features, the EAGLE loss, export.
+
+One command runs every stage and resumes where it stopped:
+
+    python -m engine.train --prompts ../shared/data/train_prompts/prompts.jsonl --run runs/smollm2 \
+        --export assets/heads/smollm2-135m-instruct
+
+Stages (each writes small files under --run, so a killed job loses at most one shard or one
+checkpoint interval):
+  1. data:     prompts -> the target's own greedy answers through its chat template (batched), and the
+               target's final-norm hidden states for every token, in safetensors shards.
+  2. fit:      the EAGLE loss: SmoothL1(predicted next feature, true next feature)
+               + ce_weight * cross-entropy against the target's next-token distribution, with uniform
+               noise on input features; AdamW, warm-up + cosine schedule, a held-out split.
+  3. export:   the official EAGLE layout (config.json + model.safetensors) plus a card (README.md).
+Benchmark questions must never be used here; `--prompts` refuses files from a benchmarks folder.
+"""
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from engine.head import DraftHead, head_config_for, save_head
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    limit: int = 2000  # prompts to answer
+    max_prompt_tokens: int = 256
+    max_new_tokens: int = 256
+    batch_size: int = 48
+    shard_size: int = 96  # prompts per shard file
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    steps: int = 6000
+    batch_tokens: int = 2048  # sequences are packed into batches of about this many tokens
+    lr: float = 5e-4
+    warmup: int = 200
+    weight_decay: float = 0.0
+    ce_weight: float = 0.1
+    noise: float = 0.1  # uniform noise amplitude on input features (EAGLE: U(-0.1, 0.1))
+    grad_clip: float = 0.5
+    holdout: float = 0.05
+    eval_every: int = 500
+    save_every: int = 250
+    seed: int = 0
+
+
+# ---- stage 1: data ----------------------------------------------------------------------------
+
+
+def read_prompts(path: Path) -> list[str]:
+    if "benchmarks" in Path(path).resolve().parts:
+        raise ValueError(f"{path} is a benchmark file; never train a draft head on benchmark questions")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                prompts.append(row.get("prompt") or row["turns"][0])
+    return prompts
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])
+
+
+@torch.no_grad()
+def generate_data(model, tokenizer, prompts: list[str], run: Path, cfg: DataConfig) -> None:
+    """Answer prompts with the target (greedy, batched) and store ids + features per shard."""
+    rng = random.Random(cfg.seed)
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
+    encoded = []
+    for i in order:
+        ids = chat_prompt_ids(tokenizer, prompts[i])
+        if len(ids) <= cfg.max_prompt_tokens:
+            encoded.append(ids)
+        if len(encoded) == cfg.limit:
+            break
+    shards = [encoded[i : i + cfg.shard_size] for i in range(0, len(encoded), cfg.shard_size)]
+    data_dir = run / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = model.generation_config.eos_token_id
+    bar = tqdm(total=len(encoded), desc="answering prompts", unit="prompt")
+    for s, shard in enumerate(shards):
+        path = data_dir / f"shard_{s:05d}.safetensors"
+        if path.exists():
+            bar.update(len(shard))
+            continue
+        records = []
+        for b in range(0, len(shard), cfg.batch_size):
+            batch = sorted(shard[b : b + cfg.batch_size], key=len)
+            width = max(map(len, batch))
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=model.device)
+            attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=model.device)
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=eos,
+            )
+            for x, row in zip(batch, out[:, width:].tolist()):
+                answer = []
+                for t in row:
+                    answer.append(t)
+                    if t == eos or (isinstance(eos, list) and t in eos):
+                        break
+                records.append((x, answer))
+            bar.update(len(batch))
+        save_file(shard_tensors(model, records), str(path.with_suffix(".tmp")))
+        path.with_suffix(".tmp").rename(path)
+    bar.close()
+
+
+@torch.no_grad()
+def shard_tensors(model, records: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """Concatenate sequences; features are the target's final-norm hidden states (bf16)."""
+    base = getattr(model, model.base_model_prefix)
+    ids, feats, offsets, starts = [], [], [0], []
+    for prompt, answer in records:
+        seq = torch.tensor(prompt + answer, device=model.device)
+        hidden = base(input_ids=seq[None]).last_hidden_state[0]  # (T, H)
+        ids.append(seq.cpu())
+        feats.append(hidden.to(torch.bfloat16).cpu())
+        offsets.append(offsets[-1] + len(seq))
+        starts.append(len(prompt))
+    return {
+        "input_ids": torch.cat(ids),
+        "features": torch.cat(feats),
+        "offsets": torch.tensor(offsets),
+        "answer_start": torch.tensor(starts),
+    }
+
+
+def load_sequences(run: Path) -> list[dict]:
+    seqs = []
+    for path in sorted((run / "data").glob("shard_*.safetensors")):
+        t = load_file(str(path))
+        off = t["offsets"].tolist()
+        for i, start in enumerate(t["answer_start"].tolist()):
+            a, b = off[i], off[i + 1]
+            if b - a >= 3:
+                seqs.append({"ids": t["input_ids"][a:b], "features": t["features"][a:b], "answer_start": start})
+    return seqs
+
+
+# ---- stage 2: fit -----------------------------------------------------------------------------
+
+
+def batches(seqs: list[dict], batch_tokens: int, rng: random.Random):
+    """Endless stream of lists of sequences, about `batch_tokens` tokens each, similar lengths together."""
+    while True:
+        order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]["ids"]) + rng.random() * 64))
+        groups, cur, width = [], [], 0
+        for i in order:
+            n = len(seqs[i]["ids"])
+            if cur and max(width, n) * (len(cur) + 1) > batch_tokens:
+                groups.append(cur)
+                cur, width = [], 0
+            cur.append(i)
+            width = max(width, n)
+        if cur:
+            groups.append(cur)
+        rng.shuffle(groups)
+        for g in groups:
+            yield [seqs[i] for i in g]
+
+
+def collate(group: list[dict], device) -> dict[str, torch.Tensor]:
+    """Pairs (f_i, x_{i+1}) -> targets f_{i+1}; loss only where f_{i+1} predicts answer tokens."""
+    width = max(len(s["ids"]) for s in group) - 1
+    b, h = len(group), group[0]["features"].shape[-1]
+    tokens = torch.zeros(b, width, dtype=torch.long)
+    feats = torch.zeros(b, width, h, dtype=torch.bfloat16)
+    target = torch.zeros(b, width, h, dtype=torch.bfloat16)
+    mask = torch.zeros(b, width, dtype=torch.bool)
+    for r, s in enumerate(group):
+        n = len(s["ids"]) - 1
+        tokens[r, :n] = s["ids"][1:]
+        feats[r, :n] = s["features"][:-1]
+        target[r, :n] = s["features"][1:]
+        first = max(s["answer_start"] - 2, 0)  # f_{i+1} at position answer_start - 1 predicts the first answer token
+        mask[r, first:n] = True
+    return {k: v.to(device) for k, v in dict(tokens=tokens, feats=feats, target=target, mask=mask).items()}
+
+
+def eagle_loss(head: DraftHead, embed, lm_head, batch, cfg: FitConfig, noise: bool) -> tuple[torch.Tensor, dict]:
+    feats = batch["feats"].float()
+    if noise:
+        feats = feats + (torch.rand_like(feats) * 2 - 1) * cfg.noise
+    b, t = batch["tokens"].shape
+    positions = torch.arange(t, device=feats.device).expand(b, t)
+    causal = torch.ones(t, t, dtype=torch.bool, device=feats.device).tril()[None, None]
+    pred = head(embed(batch["tokens"]).float(), feats, positions, causal)  # (b, t, H)
+    m = batch["mask"]
+    pred_m, target_m = pred[m], batch["target"][m].float()  # (k, H)
+    reg = F.smooth_l1_loss(pred_m, target_m)
+    with torch.no_grad():
+        target_p = torch.softmax(lm_head(target_m.to(lm_head.weight.dtype)).float(), dim=-1)  # (k, V)
+    logp = F.log_softmax(lm_head(pred_m.to(lm_head.weight.dtype)).float(), dim=-1)  # (k, V)
+    ce = -(target_p * logp).sum(-1).mean()
+    acc = (logp.argmax(-1) == target_p.argmax(-1)).float().mean()
+    return reg + cfg.ce_weight * ce, {"reg": reg.item(), "ce": ce.item(), "acc": acc.item()}
+
+
+def lr_at(step: int, cfg: FitConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def fit(model, seqs: list[dict], run: Path, cfg: FitConfig, log=print) -> DraftHead:
+    """Train a fresh head (or resume run/ckpt.pt); returns the head with the best held-out loss."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    seqs = list(seqs)
+    random.Random(cfg.seed).shuffle(seqs)
+    n_hold = max(1, int(len(seqs) * cfg.holdout)) if len(seqs) > 1 else 0
+    held, train = seqs[:n_hold], seqs[n_hold:] or seqs
+    embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = DraftHead(head_config_for(model)).float()
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    ckpt = run / "ckpt.pt"
+    step, history = 0, []
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["opt"])
+        step, history = int(state["step"]), json.loads(state["history"])
+        log(f"resuming from {ckpt} at step {step}")
+    device = lm_head.weight.device
+    head.to(device).train()
+    stream = batches(train, cfg.batch_tokens, rng)
+    for _ in range(step):  # replay the data order so a resumed run sees what a straight run would
+        next(stream)
+    bar = tqdm(total=cfg.steps, initial=step, desc="training head", unit="step")
+    start = time.time()
+    while step < cfg.steps:
+        batch = collate(next(stream), device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        loss, stats = eagle_loss(head, embed, lm_head, batch, cfg, noise=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['acc']:.2f}")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            ev = evaluate_loss(head, embed, lm_head, held, cfg)
+            history.append({"step": step, "train_loss": loss.item(), **{f"train_{k}": v for k, v in stats.items()}, **ev, "elapsed_s": time.time() - start})
+            log(json.dumps(history[-1]))
+            with open(run / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(history[-1]) + "\n")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "history": json.dumps(history)}, tmp)
+            tmp.rename(ckpt)
+    bar.close()
+    head.eval()
+    head.history = history
+    return head
+
+
+@torch.no_grad()
+def evaluate_loss(head, embed, lm_head, held: list[dict], cfg: FitConfig) -> dict:
+    if not held:
+        return {}
+    head.eval()
+    totals = {"reg": 0.0, "ce": 0.0, "acc": 0.0}
+    for s in held:
+        batch = collate([s], lm_head.weight.device)
+        _, stats = eagle_loss(head, embed, lm_head, batch, cfg, noise=False)
+        for k in totals:
+            totals[k] += stats[k] / len(held)
+    head.train()
+    return {f"heldout_{k}": v for k, v in totals.items()}
+
+
+# ---- stage 3: export --------------------------------------------------------------------------
+
+
+def export(head: DraftHead, path: Path, card: dict) -> None:
+    save_head(head.to(torch.bfloat16), path)
+    lines = [
+        f"# EAGLE draft head for {card['target']}",
+        "",
+        "Official EAGLE layout: `config.json` (Llama keys, 1 layer) + `model.safetensors` "
+        "(fc, one decoder layer without input layernorm; embeddings and lm_head are the target's).",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in card.items() if k != "command"]
+    lines += ["", "Reproduce:", "", "```", card["command"], "```", ""]
+    (path / "README.md").write_text("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    from engine.models import ModelSpec, load_target
+
+    p = argparse.ArgumentParser(description="Train an EAGLE draft head for a target model (resumable).")
+    p.add_argument("--prompts", required=True, help="jsonl with a 'prompt' field per line (never benchmark questions)")
+    p.add_argument("--run", required=True, type=Path, help="working folder for data shards and checkpoints")
+    p.add_argument("--export", type=Path, help="write the trained head here (official EAGLE layout + card)")
+    p.add_argument("--model", default=None, help="target model (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    for name, cfg_cls in (("data", DataConfig), ("fit", FitConfig)):
+        for k, v in asdict(cfg_cls()).items():
+            p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v, help=f"{name}: default {v}")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data_cfg = DataConfig(**{k: getattr(args, k) for k in asdict(DataConfig())})
+    fit_cfg = FitConfig(**{k: getattr(args, k) for k in asdict(FitConfig())})
+    args.run.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_target(ModelSpec(model=args.model, dtype=args.dtype))
+    started = time.time()
+    generate_data(model, tokenizer, read_prompts(args.prompts), args.run, data_cfg)
+    seqs = load_sequences(args.run)
+    n_tokens = sum(len(s["ids"]) - s["answer_start"] for s in seqs)
+    print(f"{len(seqs)} sequences, {n_tokens} answer tokens", file=sys.stderr)
+    head = fit(model, seqs, args.run, fit_cfg, log=lambda m: print(m, file=sys.stderr))
+    if args.export:
+        last = head.history[-1] if head.history else {}
+        card = {
+            "target": getattr(model.config, "_name_or_path", "") or model.config.model_type,
+            "data": f"{len(seqs)} self-distilled answers ({n_tokens} tokens) to prompts from {Path(args.prompts).name}",
+            "steps": fit_cfg.steps,
+            "batch tokens": fit_cfg.batch_tokens,
+            "held-out next-token accuracy": f"{last.get('heldout_acc', float('nan')):.3f}",
+            "wall time (this run, all stages)": f"{(time.time() - started) / 60:.1f} min",
+            "hardware": f"{torch.get_num_threads()} CPU threads" if model.device.type == "cpu" else str(model.device),
+            "command": "python -m engine.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
+        export(head, args.export, card)
+        print(f"exported head to {args.export}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
