@@ -21,7 +21,10 @@ class Drafter:
     def __init__(self, head: DraftHead, embed: torch.nn.Module, lm_head: torch.nn.Module, capacity: int):
         self.head = head
         self.embed = head.embed_tokens if head.embed_tokens is not None else embed
-        self.lm_head = lm_head
+        # A head may carry a reduced draft vocabulary (`head.draft_vocab`, target ids): drafting then
+        # scores only those rows of the lm_head. Verification always uses the full vocabulary.
+        self.vocab_ids = None if head.draft_vocab is None else head.draft_vocab.to(lm_head.weight.device)
+        self.lm_weight = lm_head.weight if self.vocab_ids is None else lm_head.weight[self.vocab_ids]  # (Vd, H)
         self.cache = head.new_cache(capacity)
         self.device = head.fc.weight.device
         self._static: dict = {}  # StaticPlan -> its tensors on this device
@@ -29,8 +32,13 @@ class Drafter:
     def reset(self) -> None:
         self.cache.truncate(0)
 
-    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:  # (t, H) -> (t, V) float32
-        return F.log_softmax(self.lm_head(hidden).float(), dim=-1)
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:  # (t, H) -> (t, Vd) float32
+        return F.log_softmax(F.linear(hidden.to(self.lm_weight.dtype), self.lm_weight).float(), dim=-1)
+
+    def _top(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k draft log-probs and their *target* token ids. (t, k) each"""
+        scores, idx = self._logprobs(hidden).topk(k, dim=-1)
+        return scores, (idx if self.vocab_ids is None else self.vocab_ids[idx])
 
     def _run(self, tokens, features, positions, scratch_mask):
         """Feed t (token, feature) pairs; scratch_mask (t, scratch slots incl. these) or None for causal."""
@@ -64,8 +72,7 @@ class Drafter:
         """EAGLE-2: expand the top-k frontier by cumulative log-prob to `depth`, rerank all candidates."""
         k, dev = cfg.top_k, self.device
         L = self.cache.length  # root pair sits at position L - 1; a depth-d node is fed at L - 1 + d
-        logp = self._logprobs(root_hidden[None])[0]  # (V,)
-        scores, tokens = logp.topk(k)  # (k,)
+        scores, tokens = (x[0] for x in self._top(root_hidden[None], k))  # (k,)
         pool_tokens, pool_scores = [tokens], [scores]
         pool_parents = [torch.full((k,), -1, dtype=torch.long, device=dev)]
         pool_depths = [torch.ones(k, dtype=torch.long, device=dev)]
@@ -79,7 +86,7 @@ class Drafter:
             slots[rows, step * k + rows] = True  # each frontier node sees its own new slot
             positions = torch.full((k,), L - 2 + d, dtype=torch.long, device=dev)
             h = self._run(tokens, feats, positions, slots[:, : (step + 1) * k])  # (k, H)
-            top_s, top_t = self._logprobs(h).topk(k, dim=-1)  # (k, k)
+            top_s, top_t = self._top(h, k)  # (k, k)
             cand = (scores[:, None] + top_s).flatten()  # (k*k,) cumulative
             pool_tokens.append(top_t.flatten())
             pool_scores.append(cand)
@@ -113,14 +120,13 @@ class Drafter:
         parents, depths, steps = self._plan_tensors(plan)
         for d, step in enumerate(steps, start=1):
             if d == 1:
-                logp = self._logprobs(root_hidden[None])  # (1, V)
+                top_s, top_t = self._top(root_hidden[None], plan.top_k)  # (1, top_k)
             else:
                 fed = step["fed"]  # (f,)
                 positions = torch.full((fed.shape[0],), L - 2 + d, dtype=torch.long, device=dev)
                 h = self._run(tokens[fed], hidden[parents[fed]], positions, step["mask"])  # (f, H)
                 hidden[fed] = h
-                logp = self._logprobs(h)  # (f, V)
-            top_s, top_t = logp.topk(plan.top_k, dim=-1)  # (f, top_k)
+                top_s, top_t = self._top(h, plan.top_k)  # (f, top_k)
             children, rows, ranks = step["children"], step["rows"], step["ranks"]
             tokens[children] = top_t[rows, ranks]
             scores[children] = scores[parents[children]] + top_s[rows, ranks]

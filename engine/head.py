@@ -122,6 +122,7 @@ class DraftHead(nn.Module):
         self.layers = nn.ModuleList([DraftLayer(self.llama_config)])
         self.rotary = LlamaRotaryEmbedding(self.llama_config)
         self.embed_tokens: nn.Embedding | None = None  # set when the checkpoint carries its own
+        self.draft_vocab: torch.Tensor | None = None  # target ids the draft may propose (None: all)
         attn = self.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
 
@@ -209,6 +210,7 @@ def load_head(path: str | Path, model, dtype: torch.dtype | None = None) -> Draf
     state = {k.removeprefix("model."): v for k, v in state.items()}
     head = DraftHead(config)
     own_embed = state.pop("embed_tokens.weight", None)
+    d2t = state.pop("d2t", None)  # EAGLE-3 convention: target id = draft id + d2t[draft id]
     missing, unexpected = head.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("rotary.")]
     if missing or unexpected:
@@ -219,6 +221,10 @@ def load_head(path: str | Path, model, dtype: torch.dtype | None = None) -> Draf
         if tuple(own_embed.shape) != (head.vocab_size, head.hidden_size):
             raise HeadMismatchError(f"head embed_tokens shape {tuple(own_embed.shape)} does not fit its config (head: {path})")
         head.embed_tokens = nn.Embedding.from_pretrained(own_embed, freeze=True)
+    if d2t is not None:
+        head.draft_vocab = torch.arange(d2t.shape[0]) + d2t.long()
+        if int(head.draft_vocab.max()) >= head.vocab_size or int(head.draft_vocab.min()) < 0:
+            raise HeadMismatchError(f"head d2t maps outside the target vocabulary of {head.vocab_size} (head: {path})")
     target_param = model.get_output_embeddings().weight
     dtype = dtype or (target_param.dtype if target_param.is_floating_point() else torch.float32)
     return head.to(device=target_param.device, dtype=dtype).eval()
@@ -230,5 +236,8 @@ def save_head(head: DraftHead, path: str | Path, include_embeddings: bool = Fals
     state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items() if not k.startswith("rotary.")}
     if not include_embeddings:
         state.pop("embed_tokens.weight", None)
+    if head.draft_vocab is not None:
+        vocab = head.draft_vocab.cpu().long()
+        state["d2t"] = vocab - torch.arange(vocab.shape[0])
     save_file(state, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(head.config_dict, indent=2) + "\n")

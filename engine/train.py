@@ -40,7 +40,7 @@ class DataConfig:
     max_new_tokens: int = 256
     batch_size: int = 48
     shard_size: int = 96  # prompts per shard file
-    seed: int = 0
+    shuffle_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
 @torch.no_grad()
 def generate_data(model, tokenizer, prompts: list[str], run: Path, cfg: DataConfig) -> None:
     """Answer prompts with the target (greedy, batched) and store ids + features per shard."""
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.shuffle_seed)
     order = list(range(len(prompts)))
     rng.shuffle(order)
     encoded = []

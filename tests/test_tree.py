@@ -26,6 +26,7 @@ class FakeDrafter(Drafter):
         self.device = torch.device("cpu")
         self.paths: list[tuple[int, ...]] = [()]  # id -> path; id 0 is the root
         self._static = {}
+        self.vocab_ids = None
 
         class Cache:
             length = 5

@@ -1,0 +1,116 @@
+"""Acceptance of a draft head: τ per category and acceptance by depth, at T=0 and T=1.
+
+    python -m engine.evaluate --questions ../shared/data/benchmarks/spec_bench/question.jsonl \
+        --per-category 3 --temperatures 0,1 --out runs/eval.json
+
+τ is the mean number of tokens committed per verify cycle (accepted drafts + the bonus token).
+Acceptance by depth d is the share of cycles whose accepted path reaches depth d. Multi-turn questions
+feed each answer back as history. Speed is the benchmark's job (engine/bench.py); this reports only
+acceptance, so it is valid on any machine load.
+"""
+
+import argparse
+import json
+import random
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from engine.config import GenerationConfig, SamplingConfig, TreeConfig
+from engine.decode import Engine
+
+
+def read_questions(path: str | Path, per_category: int | None = None, limit: int | None = None, seed: int = 0) -> list[dict]:
+    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    if per_category:
+        by_cat = defaultdict(list)
+        for r in rows:
+            by_cat[r["category"]].append(r)
+        rng = random.Random(seed)
+        rows = [r for cat in sorted(by_cat) for r in rng.sample(by_cat[cat], min(per_category, len(by_cat[cat])))]
+    return rows[:limit] if limit else rows
+
+
+def acceptance(engine: Engine, questions: list[dict], config: GenerationConfig, desc: str = "") -> dict:
+    """Per category: cycles, tokens, τ, and acceptance-by-depth shares."""
+    stats = defaultdict(lambda: {"cycles": 0, "tokens": 0, "depth_hist": defaultdict(int)})
+    for q in tqdm(questions, desc=desc or f"{config.method} T={config.sampling.temperature}", unit="question"):
+        messages = []
+        for turn in q["turns"]:
+            messages.append({"role": "user", "content": turn})
+            events = list(engine.generate(engine.chat_ids(messages), config))
+            s = stats[q["category"]]
+            for e in events:
+                if e["type"] == "cycle" and e["cycle"] > 0:
+                    s["cycles"] += 1
+                    s["tokens"] += len(e["new_token_ids"])
+                    s["depth_hist"][len(e["accepted"]) - 1] += 1
+            messages.append({"role": "assistant", "content": events[-1]["text"]})
+    out = {}
+    for cat, s in list(stats.items()) + [("overall", merge(stats.values()))]:
+        max_d = max(s["depth_hist"], default=0)
+        reach = [sum(n for d, n in s["depth_hist"].items() if d >= k) / max(s["cycles"], 1) for k in range(1, max_d + 1)]
+        out[cat] = {"cycles": s["cycles"], "tokens": s["tokens"], "tau": s["tokens"] / max(s["cycles"], 1), "accept_by_depth": reach}
+    return out
+
+
+def merge(stats) -> dict:
+    total = {"cycles": 0, "tokens": 0, "depth_hist": defaultdict(int)}
+    for s in stats:
+        total["cycles"] += s["cycles"]
+        total["tokens"] += s["tokens"]
+        for d, n in s["depth_hist"].items():
+            total["depth_hist"][d] += n
+    return total
+
+
+def markdown(results: dict) -> str:
+    temps = list(results)
+    cats = sorted({c for r in results.values() for c in r if c != "overall"}) + ["overall"]
+    lines = ["| category | " + " | ".join(f"τ T={t}" for t in temps) + " |", "|---|" + "---|" * len(temps)]
+    for c in cats:
+        lines.append(f"| {c} | " + " | ".join(f"{results[t][c]['tau']:.2f}" if c in results[t] else "-" for t in temps) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    from engine.head import load_head
+    from engine.models import ModelSpec, default_head_path, load_target
+
+    p = argparse.ArgumentParser(description="Report τ and acceptance by depth of a draft head.")
+    p.add_argument("--questions", required=True, help="Spec-Bench style jsonl (question_id, category, turns)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--head", default=None, help="head folder (default: the shipped head)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--method", default="eagle2", choices=["eagle1", "eagle2"])
+    p.add_argument("--temperatures", default="0,1")
+    p.add_argument("--per-category", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--total-tokens", type=int, default=60)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    model, tokenizer = load_target(ModelSpec(model=args.model, dtype=args.dtype))
+    head = load_head(args.head or default_head_path(), model)
+    engine = Engine(model, tokenizer, head)
+    questions = read_questions(args.questions, args.per_category, args.limit, args.seed)
+    tree = TreeConfig(args.total_tokens, args.depth, args.top_k)
+    results = {}
+    for t in [float(x) for x in args.temperatures.split(",")]:
+        cfg = GenerationConfig(args.method, args.max_new_tokens, SamplingConfig(temperature=t), tree, seed=args.seed)
+        results[str(t)] = acceptance(engine, questions, cfg)
+    print(markdown(results))
+    for t, r in results.items():
+        print(f"T={t} acceptance by depth (overall): " + ", ".join(f"d{d + 1} {v:.2f}" for d, v in enumerate(r["overall"]["accept_by_depth"])), file=sys.stderr)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
