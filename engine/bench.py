@@ -274,7 +274,8 @@ def run_benchmark(
     warm_up(engine, methods, questions[0], settings)
     memory = memory or MemoryMeter(engine.device)
     results = []
-    with tqdm(total=len(questions) * len(methods), desc="bench", unit="answer", disable=not progress, file=sys.stderr) as bar:
+    total = len(questions) * len(methods)
+    with tqdm(total=total, desc="bench", unit="answer", disable=not progress, file=sys.stderr) as bar:
         for question in questions:
             for name, method in methods.items():
                 bar.set_postfix_str(f"q{question['question_id']} {name}")
@@ -337,12 +338,11 @@ def logit_margin(engine: Engine, prefix_ids: list[int], token_a: int, token_b: i
     features, _ = target_forward(engine.model, ids, positions, None, new_cache(engine.model), logits=False)
     logits = engine.model.lm_head(features[-1:]).float()[0]  # (V,)
     top = logits.topk(2).values.tolist()
-    rank = lambda t: int((logits > logits[t]).sum())  # noqa: E731  (0 = the argmax)
     return {
         "margin": top[0] - top[1],
         "gap": abs(float(logits[token_a] - logits[token_b])),
-        "vanilla_rank": rank(token_a),
-        "method_rank": rank(token_b),
+        "vanilla_rank": int((logits > logits[token_a]).sum()),  # 0: the recomputed argmax
+        "method_rank": int((logits > logits[token_b]).sum()),
     }
 
 
@@ -374,7 +374,8 @@ def check_lossless(
             pos = first_difference(want, got)
             if pos is None:
                 continue
-            entry = {"question_id": r["question_id"], "category": r["category"], "method": r["method"], "turn": turn, "position": pos}
+            entry = {"question_id": r["question_id"], "category": r["category"], "method": r["method"],
+                     "turn": turn, "position": pos}  # fmt: skip
             if pos < len(want) and pos < len(got):
                 prompt = turn_prompt(engine, question, ref["text"][:turn], max_new_tokens)
                 m = logit_margin(engine, prompt + want[:pos], want[pos], got[pos])
@@ -546,7 +547,7 @@ def engine_from_args(args: argparse.Namespace, need_head: bool) -> tuple[Engine,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", required=True, help="Spec-Bench style jsonl (question_id, category, turns)")
-    parser.add_argument("--methods", default=",".join(BENCH_METHODS), help=f"comma-separated, from {', '.join(BENCH_METHODS)}")
+    parser.add_argument("--methods", default=",".join(BENCH_METHODS), help=", ".join(BENCH_METHODS))
     parser.add_argument("--out", required=True, help="result JSON path; .md and .png are written beside it")
     parser.add_argument("--limit", type=int, default=None, help="keep the first N questions (after --per-category)")
     parser.add_argument("--per-category", type=int, default=None, help="keep N questions per category, evenly spaced")
@@ -560,11 +561,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=default_tree.depth, help="draft tree depth")
     parser.add_argument("--top-k", type=int, default=default_tree.top_k, help="draft tree branching (eagle2)")
     parser.add_argument("--autotune", action="store_true", help="use the auto-tuned tree for this hardware instead")
-    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens for hf_prompt_lookup")
+    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens")
     parser.add_argument("--warmup-tokens", type=int, default=32)
     parser.add_argument("--check-lossless", action="store_true", help="compare every method's tokens with vanilla's")
-    parser.add_argument("--margin-bound", type=float, default=None,
-                        help="logit gap above which a divergence is a bug (default by dtype: fp32 1e-4, fp16 0.25, bf16 0.5)")  # fmt: skip
+    parser.add_argument("--margin-bound", type=float, default=None, help="logit gap above which a divergence is "
+                        "a bug (default by dtype: fp32 1e-4, fp16 0.25, bf16 0.5)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 

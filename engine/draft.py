@@ -71,6 +71,7 @@ class Drafter:
     def dynamic_tree(self, root_token: torch.Tensor, root_hidden: torch.Tensor, cfg: TreeConfig) -> Tree:
         """EAGLE-2: expand the top-k frontier by cumulative log-prob to `depth`, rerank all candidates."""
         k, dev = cfg.top_k, self.device
+        self.cache.truncate(self.cache.length)  # forget scratch from an earlier tree
         L = self.cache.length  # root pair sits at position L - 1; a depth-d node is fed at L - 1 + d
         scores, tokens = (x[0] for x in self._top(root_hidden[None], k))  # (k,)
         pool_tokens, pool_scores = [tokens], [scores]
@@ -111,6 +112,7 @@ class Drafter:
     def static_tree(self, root_token: torch.Tensor, root_hidden: torch.Tensor, plan: StaticPlan) -> Tree:
         """EAGLE-1: fill a fixed tree shape with the draft's ranked guesses, depth by depth."""
         dev, n = self.device, len(plan.parents)
+        self.cache.truncate(self.cache.length)  # forget scratch from an earlier tree
         L = self.cache.length
         tokens = torch.zeros(n, dtype=torch.long, device=dev)
         scores = torch.zeros(n, dtype=torch.float32, device=dev)

@@ -31,6 +31,9 @@ class FakeDrafter(Drafter):
         class Cache:
             length = 5
 
+            def truncate(self, length):
+                assert length == 5
+
         self.cache = Cache()
 
     def _run(self, tokens, features, positions, scratch_mask):

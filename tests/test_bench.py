@@ -1,0 +1,212 @@
+"""The benchmark harness on tiny models: question sampling, interleaving, the JSON report, the summary and
+the losslessness audit (which must catch a method that changes a token)."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from engine import bench
+from engine.bench import BenchSettings, EngineMethod, HFGenerateMethod, TurnOutput
+from engine.head import save_head
+from tests.tiny import tiny_engine
+
+QUESTIONS = [
+    {"question_id": 1, "category": "writing", "turns": ["hello there", "say more"]},
+    {"question_id": 2, "category": "qa", "turns": ["the cat sat on"]},
+    {"question_id": 3, "category": "qa", "turns": ["Why is the sky blue?"]},
+]
+SETTINGS = BenchSettings(max_new_tokens=12, warmup_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return tiny_engine("llama", head="oracle")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_load_questions_per_category_is_stratified_and_keeps_file_order(tmp_path):
+    rows = [{"question_id": i, "category": c, "turns": [f"q{i}"]} for i, c in enumerate("aaaaabbc")]
+    path = write_jsonl(tmp_path / "q.jsonl", rows)
+    assert [q["question_id"] for q in bench.load_questions(path, per_category=2)] == [0, 2, 5, 6, 7]
+    assert [q["question_id"] for q in bench.load_questions(path, per_category=2, limit=3)] == [0, 2, 5]
+    assert len(bench.load_questions(path)) == 8
+    bad = write_jsonl(tmp_path / "bad.jsonl", [rows[0], {"question_id": 9, "turns": ["x"]}])
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        bench.load_questions(bad)
+
+
+class Recorder:
+    """A fake method that logs the prompt it was given and answers with its own name."""
+
+    def __init__(self, name, log, tokenizer):
+        self.name, self.log, self.tokenizer = name, log, tokenizer
+
+    def run(self, prompt_ids, settings):
+        self.log.append((self.name, self.tokenizer.decode(prompt_ids)))
+        return TurnOutput([5, 6, 7], f"answer {self.name}", 0.01, 2, "eos")
+
+
+def test_methods_interleave_question_by_question_after_a_warm_up(engine):
+    log = []
+    methods = {name: Recorder(name, log, engine.tokenizer) for name in ("A", "B", "C")}
+    results = bench.run_benchmark(engine, methods, QUESTIONS, SETTINGS)
+    order = [name for name, _ in log]
+    warm_up = ["A", "B", "C"]
+    q1 = ["A", "A", "B", "B", "C", "C"]  # both turns of question 1 before the next method starts
+    assert order == warm_up + q1 + ["A", "B", "C"] * 2
+    assert [(r["question_id"], r["method"]) for r in results] == [(q, m) for q in (1, 2, 3) for m in "ABC"]
+    # each method's second turn carries its own first answer as history, not another method's
+    second_turns = {name: prompt for name, prompt in log[3:9] if "say more" in prompt}
+    for name, prompt in second_turns.items():
+        assert f"answer {name}" in prompt
+        assert all(f"answer {other}" not in prompt for other in "ABC" if other != name)
+    assert results[0]["turns"] == 2 and results[0]["new_tokens"] == 6 and results[0]["cycles"] == 4
+    assert results[0]["tau"] == pytest.approx((6 - 2) / 4)
+
+
+def test_summary_speedups_are_ratios_of_total_rates_per_category():
+    def row(method, category, tokens, wall, cycles):
+        return {"question_id": 0, "category": category, "method": method, "turns": 1, "new_tokens": tokens,
+                "wall_s": wall, "cycles": cycles}  # fmt: skip
+
+    results = [
+        row("vanilla", "a", 10, 1.0, 9), row("eagle2", "a", 10, 0.5, 3),
+        row("vanilla", "b", 10, 2.0, 9), row("eagle2", "b", 10, 0.5, 3),
+    ]  # fmt: skip
+    summary = bench.summarize(results)
+    assert summary["vanilla"]["overall"]["speedup_vs_vanilla"] == pytest.approx(1.0)
+    assert summary["eagle2"]["overall"]["tokens_per_s"] == pytest.approx(20.0)
+    assert summary["eagle2"]["overall"]["speedup_vs_vanilla"] == pytest.approx(20.0 / (20 / 3))
+    assert summary["eagle2"]["per_category"]["a"]["speedup_vs_vanilla"] == pytest.approx(2.0)
+    assert summary["eagle2"]["per_category"]["b"]["speedup_vs_vanilla"] == pytest.approx(4.0)
+    assert summary["eagle2"]["overall"]["tau"] == pytest.approx(18 / 6)
+    assert bench.summarize([row("eagle2", "a", 10, 1.0, 3)])["eagle2"]["overall"]["speedup_vs_vanilla"] is None
+
+
+def test_transformers_baselines_count_forwards_and_match_vanilla(engine):
+    prompt = engine.chat_ids([{"role": "user", "content": "hello there"}])
+    vanilla = EngineMethod(engine, "vanilla").run(prompt, SETTINGS)
+    plain = HFGenerateMethod(engine, prompt_lookup=False).run(prompt, SETTINGS)
+    lookup = HFGenerateMethod(engine, prompt_lookup=True).run(prompt, SETTINGS)
+    assert plain.output_ids == vanilla.output_ids == lookup.output_ids  # fp32 greedy
+    assert plain.text == vanilla.text
+    assert plain.cycles == vanilla.cycles == len(plain.output_ids) - 1  # one forward per token
+    assert lookup.cycles < plain.cycles  # the tiny model's reply repeats itself: lookups hit
+
+
+class FlipToken:
+    """A deliberately broken method: the first turn's token at `position` is replaced by the next id."""
+
+    def __init__(self, inner, position, vocab_size):
+        self.inner, self.position, self.vocab_size, self.calls = inner, position, vocab_size, 0
+
+    def run(self, prompt_ids, settings):
+        out = self.inner.run(prompt_ids, settings)
+        ids = list(out.output_ids)
+        ids[self.position] = (ids[self.position] + 1) % self.vocab_size
+        return replace(out, output_ids=ids)
+
+
+class DropLast:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def run(self, prompt_ids, settings):
+        out = self.inner.run(prompt_ids, settings)
+        return replace(out, output_ids=out.output_ids[:-1])
+
+
+def test_lossless_check_flags_a_broken_method_and_passes_the_engine(engine):
+    vocab = engine.model.config.vocab_size
+    methods = {
+        "vanilla": EngineMethod(engine, "vanilla"),
+        "eagle2": EngineMethod(engine, "eagle2"),
+        "eagle1": EngineMethod(engine, "eagle1"),
+        "broken": FlipToken(EngineMethod(engine, "eagle2"), 3, vocab),
+        "short": DropLast(EngineMethod(engine, "vanilla")),
+    }
+    results = bench.run_benchmark(engine, methods, QUESTIONS, SETTINGS)
+    report = bench.check_lossless(engine, QUESTIONS, results, bound=1e-4, max_new_tokens=SETTINGS.max_new_tokens)
+    by_method = {}
+    for d in report["divergences"]:
+        by_method.setdefault(d["method"], []).append(d)
+    assert set(by_method) == {"broken", "short"}  # eagle1 and eagle2 are token-identical to vanilla
+    broken = by_method["broken"]
+    assert [(d["question_id"], d["turn"], d["position"]) for d in broken] == [(1, 0, 3), (2, 0, 3), (3, 0, 3)]
+    vanilla = {r["question_id"]: r for r in results if r["method"] == "vanilla"}
+    for d in broken:  # question 1's second turn is not compared: the histories differ after turn 0
+        assert d["bug"] and d["gap"] > 1e-4 and d["margin"] > 0
+        assert d["vanilla_token"] == vanilla[d["question_id"]]["output_ids"][0][3]
+        assert d["method_token"] == (d["vanilla_token"] + 1) % vocab
+        assert d["vanilla_rank"] == 0  # vanilla's token is the recomputed argmax
+    assert all(d["bug"] and d["margin"] is None for d in by_method["short"])
+    assert report["bugs"] == len(broken) + len(by_method["short"])
+    # eagle: 4 turns each; broken and short stop at their first divergence, turn 0 of each question
+    assert report["compared_turns"] == 4 + 4 + 3 + 3
+
+    # the same divergences under a huge bound are near-ties, except a shorter output, which never is
+    lenient = bench.check_lossless(engine, QUESTIONS, results, bound=1e9, max_new_tokens=SETTINGS.max_new_tokens)
+    assert len(lenient["divergences"]) == len(report["divergences"])
+    assert lenient["bugs"] == len(by_method["short"])
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    """A tiny target and its oracle head as folders, the way a user passes --model and --head."""
+    root = tmp_path_factory.mktemp("tiny")
+    engine = tiny_engine("llama", head="oracle")
+    engine.model.save_pretrained(root / "model")
+    engine.tokenizer.save_pretrained(root / "model")
+    save_head(engine.head, root / "head")
+    return root
+
+
+def test_command_writes_json_markdown_and_chart(saved_tiny, tmp_path):
+    questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    out = tmp_path / "run" / "result.json"
+    argv = [
+        "--questions", str(questions), "--methods", ",".join(bench.BENCH_METHODS), "--out", str(out),
+        "--model", str(saved_tiny / "model"), "--head", str(saved_tiny / "head"), "--dtype", "float32",
+        "--device", "cpu", "--max-new-tokens", "10", "--total-tokens", "12", "--depth", "4", "--top-k", "3",
+        "--check-lossless", "--no-progress", "--threads", "1",
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"config", "hardware", "memory", "results", "summary", "lossless"}
+    assert report["config"]["tree"] == {"total_tokens": 12, "depth": 4, "top_k": 3}
+    assert report["config"]["dtype"] == "float32" and report["config"]["question_count"] == 3
+    for key in ("cpu", "threads", "gpu", "torch", "transformers"):
+        assert key in report["hardware"]
+    assert report["memory"]["peak_rss_mb"] > 0
+    assert len(report["results"]) == len(QUESTIONS) * len(bench.BENCH_METHODS)
+    fields = {"question_id", "category", "method", "new_tokens", "wall_s", "cycles", "tau", "output_ids", "text"}
+    for r in report["results"]:
+        assert fields <= set(r)
+        assert len(r["output_ids"]) == len(r["text"]) == r["turns"]
+        assert r["new_tokens"] == sum(len(ids) for ids in r["output_ids"]) > 0
+    assert list(report["summary"]) == list(bench.BENCH_METHODS)
+    for s in report["summary"].values():
+        assert set(s["overall"]) >= {"tokens_per_s", "speedup_vs_vanilla", "tau"}
+        assert set(s["per_category"]) == {"writing", "qa"}
+    assert report["summary"]["vanilla"]["overall"]["speedup_vs_vanilla"] == pytest.approx(1.0)
+    assert report["summary"]["eagle2"]["overall"]["tau"] > 1.5  # the oracle head's drafts are accepted
+    assert report["lossless"]["bugs"] == 0 and report["lossless"]["divergences"] == []
+    md = out.with_suffix(".md").read_text()
+    assert "| eagle2 |" in md and "writing" in md
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_command_refuses_lossless_check_without_vanilla_or_when_sampling(tmp_path):
+    questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    base = ["--questions", str(questions), "--out", str(tmp_path / "r.json"), "--check-lossless"]
+    with pytest.raises(SystemExit, match="add vanilla"):
+        bench.main(base + ["--methods", "eagle2"])
+    with pytest.raises(SystemExit, match="greedy"):
+        bench.main(base + ["--methods", "vanilla,eagle2", "--temperature", "0.7"])
+    with pytest.raises(SystemExit, match="unknown method"):
+        bench.main(base + ["--methods", "vanilla,medusa"])
