@@ -196,7 +196,8 @@ class Engine:
         tree = self._draft(state, config, drafter, plan)
         t1 = self.stopwatch.mark()
         positions = state.past_len + tree.depths  # (n,)
-        mask = tree_attention_mask(tree, state.past_len, self.dtype)
+        # a lone root attends to everything before it: plain causal decoding needs no mask
+        mask = tree_attention_mask(tree, state.past_len, self.dtype) if tree.size > 1 else None
         features, logits = target_forward(self.model, tree.tokens, positions, mask, state.cache)
         drawn = draw_tokens(logits, config.sampling, generator)  # (n,)
         best = accept(tree, drawn)  # ()
@@ -217,7 +218,8 @@ class Engine:
         tokens = packed[d + 1 : d + 1 + n]
         accepted = len(path)
         path_t = tree.paths[best][:accepted]  # (a,)
-        commit_path(state.cache, state.past_len, path_t)
+        if tree.size > 1:  # a lone root's entry is already in place
+            commit_path(state.cache, state.past_len, path_t)
         state.past_len += accepted
         state.pending = drawn[best]
         if drafter is not None:

@@ -113,12 +113,14 @@ def select_dynamic(
 def root_only(root_token: torch.Tensor) -> Tree:
     """The one-node tree: verifying it is a plain decoding step."""
     device = root_token.device
-    return make_tree(
+    zero = torch.zeros(1, dtype=torch.long, device=device)
+    return Tree(
         tokens=root_token.view(1),
-        parents=torch.full((1,), -1, dtype=torch.long, device=device),
-        depths=torch.zeros(1, dtype=torch.long, device=device),
+        parents=zero - 1,
+        depths=zero,
         scores=torch.zeros(1, device=device),
-        max_depth=0,
+        ancestors=torch.ones(1, 1, dtype=torch.bool, device=device),
+        paths=zero.view(1, 1),
     )
 
 
