@@ -274,11 +274,15 @@ def fit(model, seqs: list[dict], run: Path, cfg: FitConfig, log=print) -> DraftH
             log(json.dumps(history[-1]))
             with open(run / "train_log.jsonl", "a") as f:
                 f.write(json.dumps(history[-1]) + "\n")
+            if ev and ev["heldout_acc"] >= max(h.get("heldout_acc", 0.0) for h in history):
+                torch.save(head.state_dict(), run / "best.pt")
         if step % cfg.save_every == 0 or step == cfg.steps:
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "history": json.dumps(history)}, tmp)
             tmp.rename(ckpt)
     bar.close()
+    if (run / "best.pt").exists():  # the held-out best, not merely the last step
+        head.load_state_dict(torch.load(run / "best.pt", map_location="cpu", weights_only=True))
     head.eval()
     head.history = history
     return head
@@ -297,6 +301,16 @@ def evaluate_loss(head, embed, lm_head, held: list[dict], cfg: FitConfig) -> dic
             totals[k] += stats[k] / len(held)
     head.train()
     return {f"heldout_{k}": v for k, v in totals.items()}
+
+
+def draft_vocabulary(seqs: list[dict], size: int, vocab_size: int, always: set[int]) -> tuple[torch.Tensor, float]:
+    """The `size` most frequent answer tokens plus `always` (e.g. EOS), sorted; and their coverage."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for s in seqs:
+        counts += torch.bincount(s["ids"][s["answer_start"] :], minlength=vocab_size)
+    top = counts.topk(min(size, vocab_size)).indices
+    vocab = torch.unique(torch.cat([top, torch.tensor(sorted(always), dtype=torch.long)]))  # sorted
+    return vocab, float(counts[vocab].sum() / counts.sum().clamp(min=1))
 
 
 # ---- stage 3: export --------------------------------------------------------------------------
@@ -328,6 +342,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=None, help="target model (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--draft-vocab", type=int, default=8192, help="draft only the N most frequent answer tokens (0: full vocabulary)")
     for name, cfg_cls in (("data", DataConfig), ("fit", FitConfig)):
         for k, v in asdict(cfg_cls()).items():
             p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v, help=f"{name}: default {v}")
@@ -344,14 +359,21 @@ def main(argv=None) -> None:
     n_tokens = sum(len(s["ids"]) - s["answer_start"] for s in seqs)
     print(f"{len(seqs)} sequences, {n_tokens} answer tokens", file=sys.stderr)
     head = fit(model, seqs, args.run, fit_cfg, log=lambda m: print(m, file=sys.stderr))
+    coverage = 1.0
+    if args.draft_vocab:
+        eos = model.generation_config.eos_token_id
+        always = {eos} if isinstance(eos, int) else set(eos or [])
+        head.draft_vocab, coverage = draft_vocabulary(seqs, args.draft_vocab, model.config.vocab_size, always)
+        print(f"draft vocabulary: {len(head.draft_vocab)} tokens cover {coverage:.1%} of answer tokens", file=sys.stderr)
     if args.export:
-        last = head.history[-1] if head.history else {}
+        best = max(head.history, key=lambda h: h.get("heldout_acc", 0.0)) if head.history else {}
         card = {
             "target": getattr(model.config, "_name_or_path", "") or model.config.model_type,
             "data": f"{len(seqs)} self-distilled answers ({n_tokens} tokens) to prompts from {Path(args.prompts).name}",
             "steps": fit_cfg.steps,
             "batch tokens": fit_cfg.batch_tokens,
-            "held-out next-token accuracy": f"{last.get('heldout_acc', float('nan')):.3f}",
+            "held-out next-token accuracy (best checkpoint)": f"{best.get('heldout_acc', float('nan')):.3f} at step {best.get('step')}",
+            "draft vocabulary": f"{len(head.draft_vocab)} tokens ({coverage:.1%} of answer tokens)" if head.draft_vocab is not None else "full",
             "wall time (this run, all stages)": f"{(time.time() - started) / 60:.1f} min",
             "hardware": f"{torch.get_num_threads()} CPU threads" if model.device.type == "cpu" else str(model.device),
             "command": "python -m engine.train " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -1,0 +1,52 @@
+"""The training pipeline end to end on a tiny random model: data, fit, export, load, decode."""
+
+import json
+
+import pytest
+import torch
+
+from engine.config import GenerationConfig, TreeConfig
+from engine.decode import Engine
+from engine.head import load_head
+from engine.train import DataConfig, FitConfig, draft_vocabulary, export, fit, generate_data, load_sequences, read_prompts
+from tests.tiny import tiny_model, tiny_tokenizer
+
+
+def test_refuses_benchmark_questions(tmp_path):
+    bench = tmp_path / "benchmarks" / "q.jsonl"
+    bench.parent.mkdir()
+    bench.write_text(json.dumps({"turns": ["hi"]}) + "\n")
+    with pytest.raises(ValueError, match="never train"):
+        read_prompts(bench)
+
+
+def test_tiny_training_run_lowers_loss_and_exports(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_model("llama", layers=2, seed=4)
+    tokenizer = tiny_tokenizer()
+    prompts = [f"tell me about {w} {i}" for i in range(6) for w in ("cats", "rain", "maps", "bread")]
+    run = tmp_path / "run"
+    generate_data(model, tokenizer, prompts, run, DataConfig(limit=24, max_new_tokens=24, batch_size=8, shard_size=12))
+    assert len(list((run / "data").glob("shard_*.safetensors"))) == 2
+    seqs = load_sequences(run)
+    assert len(seqs) == 24 and seqs[0]["features"].shape[-1] == 64
+    cfg = FitConfig(steps=120, batch_tokens=256, lr=3e-3, warmup=10, eval_every=40, save_every=40, holdout=0.2)
+    head = fit(model, seqs, run, cfg, log=lambda m: None)
+    first, last = head.history[0], head.history[-1]
+    assert last["heldout_reg"] + 0.1 * last["heldout_ce"] < first["heldout_reg"] + 0.1 * first["heldout_ce"]
+    assert (run / "ckpt.pt").exists() and (run / "best.pt").exists()
+
+    # resuming a finished run trains no further and keeps the history
+    again = fit(model, seqs, run, cfg, log=lambda m: None)
+    assert len(again.history) == len(head.history)
+
+    head.draft_vocab, coverage = draft_vocabulary(seqs, 40, 64, {0})
+    assert 0 in head.draft_vocab.tolist() and 0.0 < coverage <= 1.0
+    out = tmp_path / "head"
+    export(head, out, {"target": "tiny", "command": "python -m engine.train ..."})
+    assert (out / "README.md").read_text().startswith("# EAGLE draft head for tiny")
+    engine = Engine(model, tokenizer, load_head(out, model))
+    ids = engine.chat_ids([{"role": "user", "content": "tell me about cats 1"}])
+    want = list(engine.generate(ids, GenerationConfig(method="vanilla", max_new_tokens=20)))[-1]["output_ids"]
+    got = list(engine.generate(ids, GenerationConfig(method="eagle2", max_new_tokens=20, tree=TreeConfig(10, 3, 3))))
+    assert got[-1]["output_ids"] == want
