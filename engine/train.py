@@ -52,6 +52,7 @@ class FitConfig:
     weight_decay: float = 0.0
     ce_weight: float = 0.1
     noise: float = 0.1  # uniform noise amplitude on input features (EAGLE: U(-0.1, 0.1))
+    prompt_loss: bool = True  # also learn on prompt positions (see collate)
     grad_clip: float = 0.5
     holdout: float = 0.05
     eval_every: int = 500
@@ -184,8 +185,12 @@ def batches(seqs: list[dict], batch_tokens: int, rng: random.Random):
             yield [seqs[i] for i in g]
 
 
-def collate(group: list[dict], device) -> dict[str, torch.Tensor]:
-    """Pairs (f_i, x_{i+1}) -> targets f_{i+1}; loss only where f_{i+1} predicts answer tokens."""
+def collate(group: list[dict], device, prompt_loss: bool = True) -> dict[str, torch.Tensor]:
+    """Pairs (f_i, x_{i+1}) -> targets f_{i+1}.
+
+    The loss covers the answer and, with `prompt_loss`, the prompt too: the regression target (the
+    target's next feature) and the CE target (its next-token distribution) are properties of the
+    target model on any text, so prompt positions are valid extra signal at no generation cost."""
     width = max(len(s["ids"]) for s in group) - 1
     b, h = len(group), group[0]["features"].shape[-1]
     tokens = torch.zeros(b, width, dtype=torch.long)
@@ -197,7 +202,8 @@ def collate(group: list[dict], device) -> dict[str, torch.Tensor]:
         tokens[r, :n] = s["ids"][1:]
         feats[r, :n] = s["features"][:-1]
         target[r, :n] = s["features"][1:]
-        first = max(s["answer_start"] - 2, 0)  # f_{i+1} at position answer_start - 1 predicts the first answer token
+        # f_{i+1} at position answer_start - 1 predicts the first answer token
+        first = 0 if prompt_loss else max(s["answer_start"] - 2, 0)
         mask[r, first:n] = True
     return {k: v.to(device) for k, v in dict(tokens=tokens, feats=feats, target=target, mask=mask).items()}
 
@@ -257,7 +263,7 @@ def fit(model, seqs: list[dict], run: Path, cfg: FitConfig, log=print) -> DraftH
     bar = tqdm(total=cfg.steps, initial=step, desc="training head", unit="step")
     start = time.time()
     while step < cfg.steps:
-        batch = collate(next(stream), device)
+        batch = collate(next(stream), device, cfg.prompt_loss)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         loss, stats = eagle_loss(head, embed, lm_head, batch, cfg, noise=True)
@@ -345,7 +351,11 @@ def main(argv=None) -> None:
     p.add_argument("--draft-vocab", type=int, default=8192, help="draft only the N most frequent answer tokens (0: full vocabulary)")
     for name, cfg_cls in (("data", DataConfig), ("fit", FitConfig)):
         for k, v in asdict(cfg_cls()).items():
-            p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v, help=f"{name}: default {v}")
+            flag, help_ = f"--{k.replace('_', '-')}", f"{name}: default {v}"
+            if isinstance(v, bool):
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=v, help=help_)
+            else:
+                p.add_argument(flag, type=type(v), default=v, help=help_)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
