@@ -1,0 +1,182 @@
+"""Start the chat app: load the model and draft head once, build the engine, serve the Gradio UI.
+
+    python launch.py                      # default model + head, opens the browser
+    python launch.py --no-browser --port 7861
+    python launch.py --share --auth me:secret
+
+This is the only place that parses command-line arguments; everything else receives built objects.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DESCRIPTION = """\
+Chat with a language model made faster by EAGLE-2 speculative decoding, and watch how: a small draft
+head proposes a tree of candidate tokens, the model verifies the whole tree in one forward pass, and the
+UI draws each cycle's tree, the accepted path and the speed. A Compare tab times two methods side by side.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="launch.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    m = p.add_argument_group("model")
+    m.add_argument(
+        "--model", default=None, metavar="ID_OR_PATH",
+        help="target model: a Hugging Face id, a local folder (save_pretrained layout) or a .gguf file. "
+        "Default: SmolLM2-135M-Instruct, fetched once and cached for offline use.",
+    )
+    m.add_argument(
+        "--head", default=None, metavar="PATH",
+        help="EAGLE draft head folder (config.json + model.safetensors, official EAGLE layout). "
+        "Default: assets/heads/smollm2-135m-instruct, the head trained for the default model.",
+    )
+    m.add_argument("--no-head", action="store_true", help="run without a draft head: only vanilla decoding.")
+    quant = m.add_mutually_exclusive_group()
+    quant.add_argument("--load-in-4bit", action="store_true", help="quantize the target to 4-bit NF4 (bitsandbytes, CUDA).")
+    quant.add_argument("--load-in-8bit", action="store_true", help="quantize the target to 8-bit (bitsandbytes, CUDA).")
+    m.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N. Default: auto.")
+    m.add_argument(
+        "--dtype", default="auto",
+        help="auto, float32, bfloat16 or float16 (also fp32/bf16/fp16). Default auto: bf16 on CPU and on "
+        "CUDA where supported, else fp16.",
+    )
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 serves your network. Default: 127.0.0.1.")
+    s.add_argument("--port", type=int, default=7860, help="port to listen on. Default: 7860.")
+    s.add_argument(
+        "--share", action="store_true",
+        help="also create a public Gradio share link (needs internet). Anyone with the link can use your "
+        "machine: combine it with --auth.",
+    )
+    s.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login in the browser and the API.")
+    s.add_argument("--no-browser", action="store_true", help="do not open a browser tab on start.")
+    s.add_argument("--max-new-tokens", type=int, default=256, help="default reply length in the UI. Default: 256.")
+    return p.parse_args(argv)
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--auth must look like user:password (both parts non-empty)")
+    return user, password
+
+
+def step(message: str) -> float:
+    print(f"• {message}…", flush=True)
+    return time.perf_counter()
+
+
+def done(start: float, detail: str = "") -> None:
+    print(f"  done in {time.perf_counter() - start:.1f} s{': ' + detail if detail else ''}", flush=True)
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        auth = parse_auth(args.auth)
+    except ValueError as err:
+        return fail(str(err))
+    if args.share and auth is None:
+        print(
+            "warning: --share without --auth makes this model public to anyone who has the link; "
+            "consider adding --auth user:password",
+            file=sys.stderr, flush=True,
+        )
+    if not 0 < args.port < 65536:
+        return fail(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_new_tokens < 1:
+        return fail(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+
+    t = step("Loading libraries (torch, transformers, gradio)")
+    from app import AppOptions, build_ui, load_examples
+    from app.ui import CSS_PATH
+    from engine.decode import Engine
+    from engine.head import load_head
+    from engine.models import ModelSpec, default_head_path, load_target
+
+    done(t)
+
+    quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
+    spec = ModelSpec(model=args.model, dtype=args.dtype, device=args.device, quantization=quantization)
+    t = step(f"Loading the model ({args.model or 'default: SmolLM2-135M-Instruct'})")
+    try:
+        model, tokenizer = load_target(spec)
+    # ModelLoadError is a RuntimeError; ImportError/RuntimeError also cover bitsandbytes without CUDA.
+    except (RuntimeError, ValueError, OSError, ImportError) as err:
+        return fail(f"could not load the model: {err}")
+    done(t)
+
+    head = None
+    if not args.no_head:
+        head_path = Path(args.head) if args.head else default_head_path()
+        if args.head is None and not (head_path / "config.json").is_file():
+            print(
+                f"warning: no draft head at {head_path}; only vanilla decoding is available. "
+                f"Pass --head PATH to use one (or --no-head to silence this).",
+                file=sys.stderr, flush=True,
+            )
+        else:
+            t = step(f"Loading the draft head ({head_path})")
+            try:
+                head = load_head(head_path, model)
+            except (ValueError, OSError) as err:
+                return fail(f"could not load the draft head: {err}")
+            done(t)
+
+    engine = Engine(model, tokenizer, head)
+    print(f"• Engine ready: {engine.describe()}", flush=True)
+    try:
+        examples = load_examples()
+    except ValueError as err:
+        return fail(str(err))
+    demo = build_ui(engine, AppOptions(examples=examples, max_new_tokens=args.max_new_tokens))
+
+    t = step(f"Starting the web UI on {args.host}:{args.port}")
+    try:
+        demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=args.share,
+            auth=auth,
+            inbrowser=not args.no_browser,
+            css_paths=[CSS_PATH],
+            prevent_thread_lock=True,
+            footer_links=["api", "gradio"],
+            quiet=True,
+        )
+    except OSError as err:
+        return fail(f"could not start the server on {args.host}:{args.port} ({err}); try another --port")
+    done(t)
+    print(f"• Serving at {demo.local_url}", flush=True)
+    if args.share:
+        if demo.share_url:
+            print(f"• Public share link: {demo.share_url}", flush=True)
+        else:
+            print(
+                "warning: the share link could not be created (no internet, or the Gradio share server is "
+                f"unreachable). The app keeps running locally at {demo.local_url}.",
+                file=sys.stderr, flush=True,
+            )
+    print("• Press Ctrl+C to stop.", flush=True)
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""launch.py's command line: every flag documented, bad values refused before any model is loaded."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import launch
+
+ROOT = Path(__file__).resolve().parent.parent
+FLAGS = (
+    "--model", "--head", "--no-head", "--load-in-4bit", "--load-in-8bit", "--device", "--dtype", "--host",
+    "--port", "--share", "--auth", "--no-browser", "--max-new-tokens",
+)
+
+
+def test_help_explains_every_flag():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), "--help"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    for flag in FLAGS:
+        assert flag in out
+    assert "speculative decoding" in out
+
+
+def test_defaults():
+    args = launch.parse_args([])
+    assert (args.model, args.head, args.device, args.dtype) == (None, None, "auto", "auto")
+    assert (args.host, args.port, args.share, args.auth, args.no_browser) == ("127.0.0.1", 7860, False, None, False)
+
+
+def test_quantization_flags_exclude_each_other():
+    with pytest.raises(SystemExit):
+        launch.parse_args(["--load-in-4bit", "--load-in-8bit"])
+
+
+def test_auth_must_be_user_colon_password():
+    assert launch.parse_auth("me:se:cret") == ("me", "se:cret")
+    assert launch.parse_auth(None) is None
+    for bad in ("me", ":pw", "me:"):
+        with pytest.raises(ValueError, match="user:password"):
+            launch.parse_auth(bad)
+
+
+def test_bad_arguments_fail_fast_with_a_message(capsys):
+    assert launch.main(["--auth", "nopassword"]) == 2
+    assert "--auth must look like user:password" in capsys.readouterr().err
+    assert launch.main(["--port", "70000"]) == 2
+    assert "--port must be between 1 and 65535" in capsys.readouterr().err

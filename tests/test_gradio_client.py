@@ -1,0 +1,67 @@
+"""The `chat` API endpoint through gradio_client, against the app served in-process on the tiny random
+model: it streams the reply, takes history and settings, and reports bad input as a clear error."""
+
+import socket
+import threading
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from app.chat import build_messages, make_config, stream_reply
+from app.ui import AppOptions, build_ui
+from tests.tiny import tiny_engine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served():
+    engine = tiny_engine()
+    demo = build_ui(engine, AppOptions(poll_s=0.0))
+    demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield engine, Client(demo.local_url, verbose=False)
+    finally:
+        demo.close()
+
+
+def expected_reply(engine, messages, method, max_new):
+    config = make_config(method, max_new, 0.0, 1.0, 0, 60, 6, 10)
+    return list(stream_reply(engine, messages, config, threading.Event(), 0.0))[-1].text
+
+
+def test_chat_streams_the_reply(served):
+    engine, client = served
+    job = client.submit("Hello <there>", None, "Be brief.", "eagle2", 0.0, 1.0, 0, 24, api_name="/chat")
+    updates = list(job)
+    final = job.result()
+    assert updates and updates[-1] == final
+    assert all(final.startswith(u) for u in updates)
+    assert final == expected_reply(engine, build_messages("Be brief.", [], "Hello <there>"), "vanilla", 24)
+
+
+def test_chat_keyword_arguments_and_history(served):
+    engine, client = served
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    final = client.predict(message="and now?", history=history, method="vanilla", max_new_tokens=12, api_name="/chat")
+    assert final == expected_reply(engine, build_messages("", history, "and now?"), "vanilla", 12)
+
+
+def test_chat_reports_bad_input(served):
+    _, client = served
+    with pytest.raises(AppError, match="empty"):
+        client.predict(message="   ", api_name="/chat")
+    with pytest.raises(AppError, match="temperature"):
+        client.predict(message="hi", temperature=99.0, api_name="/chat")
+    with pytest.raises(AppError, match="history"):
+        client.predict(message="hi", history=[{"text": "no role"}], api_name="/chat")
+
+
+def test_only_chat_is_public(served):
+    _, client = served
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/chat"]
