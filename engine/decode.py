@@ -12,6 +12,7 @@ target's distribution (see engine/verify.py). One host sync per cycle: a single 
 """
 
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -113,6 +114,7 @@ class Engine:
 
     def describe(self) -> str:
         name = getattr(self.model.config, "_name_or_path", "") or self.model.config.model_type
+        name = Path(name).name if Path(name).exists() else name  # a local folder: no machine paths in the UI
         head = "no draft head (vanilla only)" if self.head is None else "EAGLE head loaded"
         return f"{name} · {str(self.dtype).removeprefix('torch.')} · {self.device} · {head}"
 

@@ -208,7 +208,8 @@ def collate(group: list[dict], device, prompt_loss: bool = True) -> dict[str, to
     return {k: v.to(device) for k, v in dict(tokens=tokens, feats=feats, target=target, mask=mask).items()}
 
 
-def eagle_loss(head: DraftHead, embed, lm_head, batch, cfg: FitConfig, noise: bool) -> tuple[torch.Tensor, dict]:
+def eagle_loss(head: DraftHead, embed, lm_weight, batch, cfg: FitConfig, noise: bool) -> tuple[torch.Tensor, dict]:
+    """lm_weight (V or Vd, H): the target's lm_head rows the draft will score (its draft vocabulary)."""
     feats = batch["feats"].float()
     if noise:
         feats = feats + (torch.rand_like(feats) * 2 - 1) * cfg.noise
@@ -220,8 +221,8 @@ def eagle_loss(head: DraftHead, embed, lm_head, batch, cfg: FitConfig, noise: bo
     pred_m, target_m = pred[m], batch["target"][m].float()  # (k, H)
     reg = F.smooth_l1_loss(pred_m, target_m)
     with torch.no_grad():
-        target_p = torch.softmax(lm_head(target_m.to(lm_head.weight.dtype)).float(), dim=-1)  # (k, V)
-    logp = F.log_softmax(lm_head(pred_m.to(lm_head.weight.dtype)).float(), dim=-1)  # (k, V)
+        target_p = torch.softmax(F.linear(target_m.to(lm_weight.dtype), lm_weight).float(), dim=-1)  # (k, V)
+    logp = F.log_softmax(F.linear(pred_m.to(lm_weight.dtype), lm_weight).float(), dim=-1)  # (k, V)
     ce = -(target_p * logp).sum(-1).mean()
     acc = (logp.argmax(-1) == target_p.argmax(-1)).float().mean()
     return reg + cfg.ce_weight * ce, {"reg": reg.item(), "ce": ce.item(), "acc": acc.item()}
@@ -234,8 +235,11 @@ def lr_at(step: int, cfg: FitConfig) -> float:
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def fit(model, seqs: list[dict], run: Path, cfg: FitConfig, log=print) -> DraftHead:
-    """Train a fresh head (or resume run/ckpt.pt); returns the head with the best held-out loss."""
+def fit(model, seqs: list[dict], run: Path, cfg: FitConfig, log=print, vocab: torch.Tensor | None = None) -> DraftHead:
+    """Train a fresh head (or resume run/ckpt.pt); returns the head with the best held-out accuracy.
+
+    With `vocab` (the draft vocabulary) the cross-entropy runs over those lm_head rows only, as
+    drafting will; the full 49k-row softmax would dominate a CPU step."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     seqs = list(seqs)
@@ -243,6 +247,7 @@ def fit(model, seqs: list[dict], run: Path, cfg: FitConfig, log=print) -> DraftH
     n_hold = max(1, int(len(seqs) * cfg.holdout)) if len(seqs) > 1 else 0
     held, train = seqs[:n_hold], seqs[n_hold:] or seqs
     embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    lm_weight = lm_head.weight.detach() if vocab is None else lm_head.weight.detach()[vocab.to(lm_head.weight.device)]
     for p in model.parameters():
         p.requires_grad_(False)
     head = DraftHead(head_config_for(model)).float()
@@ -266,7 +271,7 @@ def fit(model, seqs: list[dict], run: Path, cfg: FitConfig, log=print) -> DraftH
         batch = collate(next(stream), device, cfg.prompt_loss)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss, stats = eagle_loss(head, embed, lm_head, batch, cfg, noise=True)
+        loss, stats = eagle_loss(head, embed, lm_weight, batch, cfg, noise=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
@@ -275,7 +280,7 @@ def fit(model, seqs: list[dict], run: Path, cfg: FitConfig, log=print) -> DraftH
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['acc']:.2f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            ev = evaluate_loss(head, embed, lm_head, held, cfg)
+            ev = evaluate_loss(head, embed, lm_weight, held, cfg)
             history.append({"step": step, "train_loss": loss.item(), **{f"train_{k}": v for k, v in stats.items()}, **ev, "elapsed_s": time.time() - start})
             log(json.dumps(history[-1]))
             with open(run / "train_log.jsonl", "a") as f:
@@ -295,14 +300,14 @@ def fit(model, seqs: list[dict], run: Path, cfg: FitConfig, log=print) -> DraftH
 
 
 @torch.no_grad()
-def evaluate_loss(head, embed, lm_head, held: list[dict], cfg: FitConfig) -> dict:
+def evaluate_loss(head, embed, lm_weight, held: list[dict], cfg: FitConfig) -> dict:
     if not held:
         return {}
     head.eval()
     totals = {"reg": 0.0, "ce": 0.0, "acc": 0.0}
     for s in held:
-        batch = collate([s], lm_head.weight.device)
-        _, stats = eagle_loss(head, embed, lm_head, batch, cfg, noise=False)
+        batch = collate([s], lm_weight.device)
+        _, stats = eagle_loss(head, embed, lm_weight, batch, cfg, noise=False)
         for k in totals:
             totals[k] += stats[k] / len(held)
     head.train()
@@ -368,13 +373,14 @@ def main(argv=None) -> None:
     seqs = load_sequences(args.run)
     n_tokens = sum(len(s["ids"]) - s["answer_start"] for s in seqs)
     print(f"{len(seqs)} sequences, {n_tokens} answer tokens", file=sys.stderr)
-    head = fit(model, seqs, args.run, fit_cfg, log=lambda m: print(m, file=sys.stderr))
-    coverage = 1.0
+    vocab, coverage = None, 1.0
     if args.draft_vocab:
         eos = model.generation_config.eos_token_id
         always = {eos} if isinstance(eos, int) else set(eos or [])
-        head.draft_vocab, coverage = draft_vocabulary(seqs, args.draft_vocab, model.config.vocab_size, always)
-        print(f"draft vocabulary: {len(head.draft_vocab)} tokens cover {coverage:.1%} of answer tokens", file=sys.stderr)
+        vocab, coverage = draft_vocabulary(seqs, args.draft_vocab, model.config.vocab_size, always)
+        print(f"draft vocabulary: {len(vocab)} tokens cover {coverage:.1%} of answer tokens", file=sys.stderr)
+    head = fit(model, seqs, args.run, fit_cfg, log=lambda m: print(m, file=sys.stderr), vocab=vocab)
+    head.draft_vocab = vocab
     if args.export:
         best = max(head.history, key=lambda h: h.get("heldout_acc", 0.0)) if head.history else {}
         card = {
