@@ -36,8 +36,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     m.add_argument("--no-head", action="store_true", help="run without a draft head: only vanilla decoding.")
     quant = m.add_mutually_exclusive_group()
-    quant.add_argument("--load-in-4bit", action="store_true", help="quantize the target to 4-bit NF4 (bitsandbytes, CUDA).")
-    quant.add_argument("--load-in-8bit", action="store_true", help="quantize the target to 8-bit (bitsandbytes, CUDA).")
+    quant.add_argument("--load-in-4bit", action="store_true", help="quantize the target to 4-bit NF4 (bitsandbytes; CPU or CUDA).")
+    quant.add_argument("--load-in-8bit", action="store_true", help="quantize the target to 8-bit (bitsandbytes; CPU or CUDA).")
+    m.add_argument(
+        "--tree",
+        default="auto",
+        metavar="auto|paper|TOTAL,DEPTH,TOPK",
+        help="default draft-tree settings. auto (default): measured on this machine once per model, head, dtype "
+        "and device (about a minute the first time, then cached); paper: the EAGLE-2 paper's 60,6,10; "
+        "or three numbers, e.g. 40,5,8.",
+    )
     m.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N. Default: auto.")
     m.add_argument(
         "--dtype", default="auto",
@@ -101,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     t = step("Loading libraries (torch, transformers, gradio)")
     from app import AppOptions, build_ui, load_examples
     from app.ui import CSS_PATH
+    from engine.config import TreeConfig
     from engine.decode import Engine
     from engine.head import load_head
     from engine.models import ModelSpec, default_head_path, load_target
@@ -136,11 +145,28 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = Engine(model, tokenizer, head)
     print(f"• Engine ready: {engine.describe()}", flush=True)
+    tree, tree_note = TreeConfig(), "EAGLE-2 paper defaults (60 tokens, depth 6, top-k 10)"
+    if head is not None and args.tree == "auto":
+        t = step("Auto-tuning the draft tree for this machine (cached after the first run)")
+        from engine.autotune import load_or_tune_result
+
+        tuned = load_or_tune_result(engine, progress=True)
+        tree, tree_note = tuned.tree, tuned.summary()
+        done(t)
+        print(f"• {tree_note}", flush=True)
+    elif args.tree not in ("auto", "paper"):
+        try:
+            total, depth, top_k = (int(x) for x in args.tree.split(","))
+            tree = TreeConfig(total, depth, top_k)
+            tree.validate()
+        except ValueError as err:
+            return fail(f"--tree {args.tree!r} is not auto, paper or TOTAL,DEPTH,TOPK ({err})")
+        tree_note = "set by --tree"
     try:
         examples = load_examples()
     except ValueError as err:
         return fail(str(err))
-    demo = build_ui(engine, AppOptions(examples=examples, max_new_tokens=args.max_new_tokens))
+    demo = build_ui(engine, AppOptions(examples=examples, max_new_tokens=args.max_new_tokens, tree=tree, tree_note=tree_note))
 
     t = step(f"Starting the web UI on {args.host}:{args.port}")
     try:

@@ -10,6 +10,7 @@ A request that cannot run (bad settings, a prompt too long, a model error) shows
 session's history as it was; the typed message is put back in the textbox.
 """
 
+import html
 import json
 import logging
 import random
@@ -60,6 +61,8 @@ class AppOptions:
     max_new_tokens: int = 256
     max_new_tokens_limit: int = 2048
     poll_s: float = 0.08  # how often streaming updates reach the browser
+    tree: TreeConfig = TreeConfig()  # default tree settings (auto-tuned by launch.py)
+    tree_note: str = "EAGLE-2 paper defaults"  # where the default tree came from, shown in the sidebar
 
 
 def load_examples(path: str | Path = EXAMPLES_PATH) -> tuple[str, ...]:
@@ -265,7 +268,7 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
         """
         try:
             message = check_message(message, engine.context_length)
-            tree = TreeConfig()
+            tree = options.tree
             config = make_config(
                 method, max_new_tokens, temperature, top_p, top_k, tree.total_tokens, tree.depth, tree.top_k
             )
@@ -298,9 +301,11 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
             top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k", info="0 = off")
             seed = gr.Number(-1, precision=0, label="Seed", info="-1 = random (used when temperature > 0)")
             with gr.Accordion("Draft tree", open=True):
-                total = gr.Slider(1, 128, value=60, step=1, label="Total drafted tokens", info="EAGLE-2 default 60")
-                depth = gr.Slider(1, 12, value=6, step=1, label="Depth", info="EAGLE-2 default 6")
-                tree_k = gr.Slider(1, 20, value=10, step=1, label="Top-k per expansion", info="EAGLE-2 only; default 10")
+                gr.Markdown(f"<small>Defaults: {html.escape(options.tree_note)}</small>", elem_id="tree-note")
+                t = options.tree
+                total = gr.Slider(1, 128, value=t.total_tokens, step=1, label="Total drafted tokens", info="EAGLE-2 paper: 60")
+                depth = gr.Slider(1, 12, value=t.depth, step=1, label="Depth", info="EAGLE-2 paper: 6")
+                tree_k = gr.Slider(1, 20, value=t.top_k, step=1, label="Top-k per expansion", info="EAGLE-2 only; paper: 10")
         settings = [max_new, temperature, top_p, top_k, total, depth, tree_k, seed]
 
         with gr.Tabs():

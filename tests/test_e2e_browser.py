@@ -67,7 +67,7 @@ def server(default_model_dir):
     log = OUT / "e2e-server.log"
     with open(log, "w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "launch.py"), "--no-browser", "--port", str(port), "--max-new-tokens", "48"],
+            [sys.executable, str(ROOT / "launch.py"), "--no-browser", "--port", str(port), "--max-new-tokens", "48", "--tree", "paper"],
             cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:

@@ -17,7 +17,7 @@ from engine.verify import accept, processed_probs
 from tests.tiny import oracle_head, perturbed, tiny_model, tiny_tokenizer
 
 VOCAB = 12
-N = 1500
+N = 4000
 P_MIN = 1e-3
 
 
