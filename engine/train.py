@@ -384,7 +384,7 @@ def main(argv=None) -> None:
     if args.export:
         best = max(head.history, key=lambda h: h.get("heldout_acc", 0.0)) if head.history else {}
         card = {
-            "target": getattr(model.config, "_name_or_path", "") or model.config.model_type,
+            "target": Path(getattr(model.config, "_name_or_path", "") or model.config.model_type).name,
             "data": f"{len(seqs)} self-distilled answers ({n_tokens} tokens) to prompts from {Path(args.prompts).name}",
             "steps": fit_cfg.steps,
             "batch tokens": fit_cfg.batch_tokens,
