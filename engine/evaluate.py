@@ -104,12 +104,13 @@ def main(argv=None) -> None:
     for t in [float(x) for x in args.temperatures.split(",")]:
         cfg = GenerationConfig(args.method, args.max_new_tokens, SamplingConfig(temperature=t), tree, seed=args.seed)
         results[str(t)] = acceptance(engine, questions, cfg)
+        if args.out:  # after every temperature, so a long run keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "results": results}, indent=2))
     print(markdown(results))
     for t, r in results.items():
-        print(f"T={t} acceptance by depth (overall): " + ", ".join(f"d{d + 1} {v:.2f}" for d, v in enumerate(r["overall"]["accept_by_depth"])), file=sys.stderr)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "results": results}, indent=2))
+        depths = ", ".join(f"d{d + 1} {v:.2f}" for d, v in enumerate(r["overall"]["accept_by_depth"]))
+        print(f"T={t} acceptance by depth (overall): {depths}", file=sys.stderr)
 
 
 if __name__ == "__main__":
