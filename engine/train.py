@@ -63,16 +63,36 @@ class FitConfig:
 # ---- stage 1: data ----------------------------------------------------------------------------
 
 
-def read_prompts(path: Path) -> list[str]:
+def read_prompts(path: Path, max_source_share: float = 1.0, seed: int = 0) -> list[str]:
+    """Prompts from a jsonl file. With `max_source_share` < 1, no `source` keeps more than that share
+    of the prompts (the shared set is 56% GSM8K, which skews a head towards math)."""
     if "benchmarks" in Path(path).resolve().parts:
         raise ValueError(f"{path} is a benchmark file; never train a draft head on benchmark questions")
-    prompts = []
+    rows = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 row = json.loads(line)
-                prompts.append(row.get("prompt") or row["turns"][0])
-    return prompts
+                rows.append((row.get("source", ""), row.get("prompt") or row["turns"][0]))
+    if max_source_share < 1.0:
+        random.Random(seed).shuffle(rows)
+        sources = {src for src, _ in rows}
+        cap = max(1, int(max_source_share * len(rows)))
+        # the cap applies to the total after capping: shrink it until no source exceeds its share
+        while True:
+            counts = {src: min(cap, sum(1 for s, _ in rows if s == src)) for src in sources}
+            total = sum(counts.values())
+            new_cap = max(1, int(max_source_share * total))
+            if new_cap >= cap:
+                break
+            cap = new_cap
+        kept, seen = [], dict.fromkeys(sources, 0)
+        for src, prompt in rows:
+            if seen[src] < cap:
+                seen[src] += 1
+                kept.append((src, prompt))
+        rows = kept
+    return [prompt for _, prompt in rows]
 
 
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -353,6 +373,10 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=None, help="target model (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--max-source-share", type=float, default=1.0,
+        help="cap each prompt source (the jsonl 'source' field) at this share of the prompts, e.g. 0.25; default 1 (no cap)",
+    )
     p.add_argument("--draft-vocab", type=int, default=8192, help="draft only the N most frequent answer tokens (0: full vocabulary)")
     for name, cfg_cls in (("data", DataConfig), ("fit", FitConfig)):
         for k, v in asdict(cfg_cls()).items():
@@ -369,7 +393,7 @@ def main(argv=None) -> None:
     args.run.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_target(ModelSpec(model=args.model, dtype=args.dtype))
     started = time.time()
-    generate_data(model, tokenizer, read_prompts(args.prompts), args.run, data_cfg)
+    generate_data(model, tokenizer, read_prompts(args.prompts, args.max_source_share), args.run, data_cfg)
     seqs = load_sequences(args.run)
     n_tokens = sum(len(s["ids"]) - s["answer_start"] for s in seqs)
     print(f"{len(seqs)} sequences, {n_tokens} answer tokens", file=sys.stderr)

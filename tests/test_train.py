@@ -50,3 +50,15 @@ def test_tiny_training_run_lowers_loss_and_exports(tmp_path):
     want = list(engine.generate(ids, GenerationConfig(method="vanilla", max_new_tokens=20)))[-1]["output_ids"]
     got = list(engine.generate(ids, GenerationConfig(method="eagle2", max_new_tokens=20, tree=TreeConfig(10, 3, 3))))
     assert got[-1]["output_ids"] == want
+
+
+def test_source_share_cap(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"source": "gsm8k", "prompt": f"math {i}"} for i in range(60)]
+    rows += [{"source": "seed", "prompt": f"seed {i}"} for i in range(20)] + [{"source": "t0", "prompt": f"t0 {i}"} for i in range(20)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert len(read_prompts(path)) == 100
+    capped = read_prompts(path, max_source_share=0.4)
+    share = sum(p.startswith("math") for p in capped) / len(capped)
+    assert share <= 0.4 + 1e-9 and len(capped) > 40
+    assert {p.split()[0] for p in capped} == {"math", "seed", "t0"}
