@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from engine.head import DraftHead, head_config_for, save_head
+from engine.verify import base_model
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ def generate_data(model, tokenizer, prompts: list[str], run: Path, cfg: DataConf
 @torch.no_grad()
 def shard_tensors(model, records: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
     """Concatenate sequences; features are the target's final-norm hidden states (bf16)."""
-    base = getattr(model, model.base_model_prefix)
+    base = base_model(model)
     ids, feats, offsets, starts = [], [], [0], []
     for prompt, answer in records:
         seq = torch.tensor(prompt + answer, device=model.device)
