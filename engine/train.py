@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -64,9 +65,10 @@ class FitConfig:
 # ---- stage 1: data ----------------------------------------------------------------------------
 
 
-def read_prompts(path: Path, max_source_share: float = 1.0, seed: int = 0) -> list[str]:
-    """Prompts from a jsonl file. With `max_source_share` < 1, no `source` keeps more than that share
-    of the prompts (the shared set is 56% GSM8K, which skews a head towards math)."""
+def read_prompts(path: Path, max_source_share: float = 1.0, seed: int = 0, sources: tuple[str, ...] = ()) -> list[str]:
+    """Prompts from a jsonl file. With `sources`, only rows whose `source` starts with one of those
+    prefixes. With `max_source_share` < 1, no `source` keeps more than that share of the prompts (the
+    shared set is 56% GSM8K, which skews a head towards math)."""
     if "benchmarks" in Path(path).resolve().parts:
         raise ValueError(f"{path} is a benchmark file; never train a draft head on benchmark questions")
     rows = []
@@ -75,6 +77,10 @@ def read_prompts(path: Path, max_source_share: float = 1.0, seed: int = 0) -> li
             if line.strip():
                 row = json.loads(line)
                 rows.append((row.get("source", ""), row.get("prompt") or row["turns"][0]))
+    if sources:
+        rows = [(src, prompt) for src, prompt in rows if src.startswith(tuple(sources))]
+        if not rows:
+            raise ValueError(f"no prompt in {path} has a source starting with {', '.join(sources)}")
     if max_source_share < 1.0:
         random.Random(seed).shuffle(rows)
         sources = {src for src, _ in rows}
@@ -103,28 +109,35 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 @torch.no_grad()
 def generate_data(model, tokenizer, prompts: list[str], run: Path, cfg: DataConfig) -> None:
-    """Answer prompts with the target (greedy, batched) and store ids + features per shard."""
+    """Answer prompts with the target (greedy, batched) and store ids + features per shard.
+
+    Takes the first `cfg.limit` prompts of a seeded shuffle and skips those already answered in the
+    run's shards, so rerunning resumes, and a rerun with another prompt selection (a larger limit,
+    other sources) adds to the same run without answering anything twice."""
+    data_dir = run / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    answered = answered_prompts(data_dir)
     rng = random.Random(cfg.shuffle_seed)
     order = list(range(len(prompts)))
     rng.shuffle(order)
-    encoded = []
+    selected, encoded = 0, []
     for i in order:
         ids = chat_prompt_ids(tokenizer, prompts[i])
-        if len(ids) <= cfg.max_prompt_tokens:
+        if len(ids) > cfg.max_prompt_tokens:
+            continue
+        selected += 1
+        if tuple(ids) not in answered:
+            answered.add(tuple(ids))  # the prompt file may repeat a prompt
             encoded.append(ids)
-        if len(encoded) == cfg.limit:
+        if selected == cfg.limit:
             break
+    first = len(list(data_dir.glob("shard_*.safetensors")))
     shards = [encoded[i : i + cfg.shard_size] for i in range(0, len(encoded), cfg.shard_size)]
-    data_dir = run / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id
-    bar = tqdm(total=len(encoded), desc="answering prompts", unit="prompt")
-    for s, shard in enumerate(shards):
+    bar = tqdm(total=len(encoded), desc=f"answering prompts ({selected - len(encoded)} already answered)", unit="prompt")
+    for s, shard in enumerate(shards, start=first):
         path = data_dir / f"shard_{s:05d}.safetensors"
-        if path.exists():
-            bar.update(len(shard))
-            continue
         records = []
         for b in range(0, len(shard), cfg.batch_size):
             batch = sorted(shard[b : b + cfg.batch_size], key=len)
@@ -150,6 +163,16 @@ def generate_data(model, tokenizer, prompts: list[str], run: Path, cfg: DataConf
         save_file(shard_tensors(model, records), str(path.with_suffix(".tmp")))
         path.with_suffix(".tmp").rename(path)
     bar.close()
+
+
+def answered_prompts(data_dir: Path) -> set[tuple[int, ...]]:
+    """Prompt ids (chat template applied) of every sequence stored in the run's shards."""
+    done = set()
+    for path in data_dir.glob("shard_*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            ids, off, starts = f.get_tensor("input_ids").tolist(), f.get_tensor("offsets").tolist(), f.get_tensor("answer_start").tolist()
+        done.update(tuple(ids[a : a + n]) for a, n in zip(off, starts))
+    return done
 
 
 @torch.no_grad()
@@ -378,6 +401,10 @@ def main(argv=None) -> None:
         "--max-source-share", type=float, default=1.0,
         help="cap each prompt source (the jsonl 'source' field) at this share of the prompts, e.g. 0.25; default 1 (no cap)",
     )
+    p.add_argument(
+        "--sources", default="",
+        help="comma-separated prefixes of the jsonl 'source' field to keep, e.g. self-instruct (default: all)",
+    )
     p.add_argument("--draft-vocab", type=int, default=8192, help="draft only the N most frequent answer tokens (0: full vocabulary)")
     for name, cfg_cls in (("data", DataConfig), ("fit", FitConfig)):
         for k, v in asdict(cfg_cls()).items():
@@ -394,7 +421,7 @@ def main(argv=None) -> None:
     args.run.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_target(ModelSpec(model=args.model, dtype=args.dtype))
     started = time.time()
-    generate_data(model, tokenizer, read_prompts(args.prompts, args.max_source_share), args.run, data_cfg)
+    generate_data(model, tokenizer, read_prompts(args.prompts, args.max_source_share, sources=tuple(filter(None, args.sources.split(",")))), args.run, data_cfg)
     seqs = load_sequences(args.run)
     n_tokens = sum(len(s["ids"]) - s["answer_start"] for s in seqs)
     print(f"{len(seqs)} sequences, {n_tokens} answer tokens", file=sys.stderr)

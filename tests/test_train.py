@@ -8,7 +8,17 @@ import torch
 from engine.config import GenerationConfig, TreeConfig
 from engine.decode import Engine
 from engine.head import load_head
-from engine.train import DataConfig, FitConfig, draft_vocabulary, export, fit, generate_data, load_sequences, read_prompts
+from engine.train import (
+    DataConfig,
+    FitConfig,
+    answered_prompts,
+    draft_vocabulary,
+    export,
+    fit,
+    generate_data,
+    load_sequences,
+    read_prompts,
+)
 from tests.tiny import tiny_model, tiny_tokenizer
 
 
@@ -24,7 +34,7 @@ def test_tiny_training_run_lowers_loss_and_exports(tmp_path):
     torch.manual_seed(0)
     model = tiny_model("llama", layers=2, seed=4)
     tokenizer = tiny_tokenizer()
-    prompts = [f"tell me about {w} {i}" for i in range(6) for w in ("cats", "rain", "maps", "bread")]
+    prompts = [f"tell me about {w} {c}" for c in "abcdef" for w in ("cats", "rain", "maps", "bread")]
     run = tmp_path / "run"
     generate_data(model, tokenizer, prompts, run, DataConfig(limit=24, max_new_tokens=24, batch_size=8, shard_size=12))
     assert len(list((run / "data").glob("shard_*.safetensors"))) == 2
@@ -46,7 +56,7 @@ def test_tiny_training_run_lowers_loss_and_exports(tmp_path):
     export(head, out, {"target": "tiny", "command": "python -m engine.train ..."})
     assert (out / "README.md").read_text().startswith("# EAGLE draft head for tiny")
     engine = Engine(model, tokenizer, load_head(out, model))
-    ids = engine.chat_ids([{"role": "user", "content": "tell me about cats 1"}])
+    ids = engine.chat_ids([{"role": "user", "content": "tell me about cats b"}])
     want = list(engine.generate(ids, GenerationConfig(method="vanilla", max_new_tokens=20)))[-1]["output_ids"]
     got = list(engine.generate(ids, GenerationConfig(method="eagle2", max_new_tokens=20, tree=TreeConfig(10, 3, 3))))
     assert got[-1]["output_ids"] == want
@@ -62,3 +72,35 @@ def test_source_share_cap(tmp_path):
     share = sum(p.startswith("math") for p in capped) / len(capped)
     assert share <= 0.4 + 1e-9 and len(capped) > 40
     assert {p.split()[0] for p in capped} == {"math", "seed", "t0"}
+
+
+def test_source_prefix_filter(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"source": "gsm8k/train", "prompt": f"math {i}"} for i in range(5)]
+    rows += [{"source": "self-instruct/seed", "prompt": f"seed {i}"} for i in range(3)]
+    rows += [{"source": "self-instruct/t0", "prompt": f"t0 {i}"} for i in range(4)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    kept = read_prompts(path, sources=("self-instruct",))
+    assert sorted(p.split()[0] for p in kept) == ["seed"] * 3 + ["t0"] * 4
+    with pytest.raises(ValueError, match="no prompt"):
+        read_prompts(path, sources=("sharegpt",))
+
+
+def test_data_generation_extends_a_run_without_answering_twice(tmp_path):
+    model, tokenizer = tiny_model("llama", layers=1, seed=2), tiny_tokenizer()
+    run = tmp_path / "run"
+    first = [f"first prompt {c}" for c in "abcdefghij"]  # the tiny tokenizer has letters, few digits
+    generate_data(model, tokenizer, first, run, DataConfig(limit=10, max_new_tokens=6, batch_size=4, shard_size=4))
+    assert len(list((run / "data").glob("shard_*.safetensors"))) == 3
+    before = answered_prompts(run / "data")
+    assert len(before) == 10
+
+    # the same call again is a no-op; a new selection overlapping the old one answers only the new prompts
+    generate_data(model, tokenizer, first, run, DataConfig(limit=10, max_new_tokens=6, batch_size=4, shard_size=4))
+    assert len(list((run / "data").glob("shard_*.safetensors"))) == 3
+    second = first[:5] + [f"second prompt {c}" for c in "abcdef"] + ["second prompt a"]
+    generate_data(model, tokenizer, second, run, DataConfig(limit=12, max_new_tokens=6, batch_size=4, shard_size=4))
+    after = answered_prompts(run / "data")
+    assert len(after) == 16 and before < after
+    seqs = load_sequences(run)
+    assert len(seqs) == 16  # no sequence stored twice
