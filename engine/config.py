@@ -15,11 +15,14 @@ class TreeConfig:
 
     total_tokens counts drafted nodes; the verified tree has total_tokens + 1 nodes (the root is the
     last committed token). For `eagle1` only total_tokens and depth cut the static tree.
+    lookup > 0 adds a prompt-lookup branch of up to that many tokens copied from the context
+    (engine/lookup.py) on top of the head's tree; 0 is plain EAGLE.
     """
 
     total_tokens: int = 60
     depth: int = 6
     top_k: int = 10
+    lookup: int = 0
 
     def validate(self) -> None:
         if not 1 <= self.depth <= 32:
@@ -28,6 +31,8 @@ class TreeConfig:
             raise ValueError(f"tree top_k must be between 1 and 64, got {self.top_k}")
         if not 1 <= self.total_tokens <= 512:
             raise ValueError(f"tree total_tokens must be between 1 and 512, got {self.total_tokens}")
+        if not 0 <= self.lookup <= 64:
+            raise ValueError(f"tree lookup must be between 0 (off) and 64 tokens, got {self.lookup}")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from engine.draft import Drafter
 from engine.events import CycleEvent, EndEvent, StartEvent, Totals, TreeView
 from engine.head import DraftHead
 from engine.kv import commit_path, new_cache
+from engine.lookup import graft, lookup_chain
 from engine.tree import EAGLE1_DEFAULT_TREE, StaticPlan, Tree, root_only, static_plan
 from engine.verify import accept, draw_tokens, target_forward, tree_attention_mask
 
@@ -58,6 +59,7 @@ class DecodeState:
     past_len: int  # tokens in the target's cache
     pending: torch.Tensor  # () last committed token, not yet in the target's cache: the next root
     pairs: tuple[torch.Tensor, torch.Tensor] | None  # (tokens (a,), features (a, H)) to feed the head
+    prompt: list[int] = field(default_factory=list)
     output: list[int] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
 
@@ -188,14 +190,14 @@ class Engine:
         pairs = None
         if drafter is not None:  # pairs (f_i, x_{i+1}): the prompt shifted by one, then the new token
             pairs = (torch.cat([ids[1:], first]), features)
-        state = DecodeState(cache, len(prompt_ids), first[0], pairs)
+        state = DecodeState(cache, len(prompt_ids), first[0], pairs, list(prompt_ids))
         int(first)  # the prefill's sync: its time is real
         return state, self.stopwatch.ms(mark, self.stopwatch.mark())
 
     @torch.no_grad()
     def _cycle(self, state: DecodeState, config: GenerationConfig, generator, drafter: Drafter | None, plan: StaticPlan) -> CycleEvent:
         t0 = self.stopwatch.mark()
-        tree = self._draft(state, config, drafter, plan)
+        tree, lookup_from = self._draft(state, config, drafter, plan)
         t1 = self.stopwatch.mark()
         positions = state.past_len + tree.depths  # (n,)
         # a lone root attends to everything before it: plain causal decoding needs no mask
@@ -233,23 +235,32 @@ class Engine:
         view = None
         if config.method != "vanilla":
             rest = packed[d + 1 + n :]
-            view = TreeView(tokens, rest[:n], rest[n : 2 * n], [s / SCORE_SCALE for s in rest[2 * n :]])
+            view = TreeView(
+                tokens, rest[:n], rest[n : 2 * n], [s / SCORE_SCALE for s in rest[2 * n :]],
+                lookup_from if lookup_from < n else None,
+            )
         new_ids = [tokens[j] for j in path[1:]] + [bonus]
         return CycleEvent(state.totals.cycles, new_ids, "", view, path, bonus, draft_ms, verify_ms)
 
-    def _draft(self, state: DecodeState, config: GenerationConfig, drafter: Drafter | None, plan: StaticPlan) -> Tree:
+    def _draft(self, state: DecodeState, config: GenerationConfig, drafter: Drafter | None, plan: StaticPlan) -> tuple[Tree, int]:
+        """The tree to verify, and the index of its first prompt-lookup node (its size when none)."""
         room = self.context_length - state.past_len  # cache slots left, the root included
         if drafter is None:
-            return root_only(state.pending)
+            return root_only(state.pending), 1
         root_hidden = drafter.extend(*state.pairs)  # commit last cycle's pairs (keeps the head in step)
         if config.method == "eagle2" and room >= 2:
             tree_cfg = config.tree
             if tree_cfg.total_tokens > room - 1:
                 tree_cfg = replace(tree_cfg, total_tokens=room - 1)
-            return drafter.dynamic_tree(state.pending, root_hidden, tree_cfg)
-        if config.method == "eagle1" and len(plan.parents) <= room:
-            return drafter.static_tree(state.pending, root_hidden, plan)
-        return root_only(state.pending)  # near the context limit: one token at a time
+            tree = drafter.dynamic_tree(state.pending, root_hidden, tree_cfg)
+        elif config.method == "eagle1" and len(plan.parents) <= room:
+            tree = drafter.static_tree(state.pending, root_hidden, plan)
+        else:
+            return root_only(state.pending), 1  # near the context limit: one token at a time
+        if config.tree.lookup and room > tree.size:
+            chain = lookup_chain(state.prompt + state.output, config.tree.lookup)
+            return graft(tree, chain[: room - tree.size])
+        return tree, tree.size
 
     # ---- stopping -----------------------------------------------------------------------------
 

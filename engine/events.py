@@ -47,6 +47,7 @@ class TreeView:
     parents: list[int]
     depths: list[int]
     scores: list[float]  # cumulative draft log-probability of the path to the node (root 0.0)
+    lookup_from: int | None = None  # nodes from this index on were copied by prompt lookup, not drafted
 
 
 @dataclass

@@ -32,29 +32,39 @@ def setup():
     return engine, prompt
 
 
-def exact_pairs(engine: Engine, prompt: list[int], sampling: SamplingConfig) -> torch.Tensor:
-    """P(x1, x2) under the target with the same processing as the engine; column V means x1 was <eos>
-    (id 0) and the reply ended. (V, V + 1)"""
+def exact_tail(engine: Engine, prompt: list[int], sampling: SamplingConfig) -> torch.Tensor:
+    """P(x2, x3) of a 3-token reply under the target, with the engine's processing. Index V means the
+    reply had already ended (x1 or x2 was <eos>, id 0). (V + 1, V + 1)
+
+    x1 comes from the prefill and x2 is drawn at the first tree's root; x3 is drawn at an accepted
+    depth-1 node when the draft was right, so a wrong acceptance rule below the root shows here."""
+    v = VOCAB
     with torch.no_grad():
-        p1 = processed_probs(engine.model(torch.tensor([prompt])).logits[0, -1:].float(), sampling)[0]  # (V,)
-        seqs = torch.tensor([prompt + [x] for x in range(VOCAB)])
-        p2 = processed_probs(engine.model(seqs).logits[:, -1].float(), sampling)  # (V, V)
-    pairs = torch.cat([p1[:, None] * p2, torch.zeros(VOCAB, 1)], dim=1)
-    pairs[0] = 0.0
-    pairs[0, VOCAB] = p1[0]
-    return pairs
+        def probs(seqs):
+            return processed_probs(engine.model(torch.tensor(seqs)).logits[:, -1].float(), sampling)
+
+        p1 = probs([prompt])[0]  # (V,)
+        p2 = probs([prompt + [a] for a in range(v)])  # (V, V)
+        p3 = probs([prompt + [a, b] for a in range(v) for b in range(v)]).view(v, v, v)
+    tail = torch.zeros(v + 1, v + 1)
+    tail[v, v] = p1[0]
+    for a in range(1, v):
+        tail[0, v] += p1[a] * p2[a, 0]
+        tail[1:v, :v] += p1[a] * p2[a, 1:, None] * p3[a, 1:]
+    return tail
 
 
-def sample_pairs(engine, prompt, method, sampling, tree=TreeConfig(10, 3, 3)):
-    counts = torch.zeros(VOCAB, VOCAB + 1)
+def sample_tail(engine, prompt, method, sampling, tree=TreeConfig(10, 3, 3), n=N):
+    """Counts of (x2, x3) over n seeded replies, and the share of replies where cycle 1 accepted a draft."""
+    counts = torch.zeros(VOCAB + 1, VOCAB + 1)
     accepted_draft = 0
-    for seed in range(N):
-        cfg = GenerationConfig(method=method, max_new_tokens=2, sampling=sampling, tree=tree, seed=seed)
+    for seed in range(n):
+        cfg = GenerationConfig(method=method, max_new_tokens=3, sampling=sampling, tree=tree, seed=seed)
         events = list(engine.generate(prompt, cfg))
-        x1, x2 = (events[-1]["output_ids"] + [VOCAB])[:2]
-        counts[x1, x2] += 1
-        accepted_draft += any(len(e["accepted"]) > 1 for e in events if e["type"] == "cycle")
-    return counts, accepted_draft / N
+        _, x2, x3 = (events[-1]["output_ids"] + [VOCAB, VOCAB])[:3]
+        counts[x2, x3] += 1
+        accepted_draft += any(len(e["accepted"]) > 1 for e in events if e["type"] == "cycle" and e["cycle"] == 1)
+    return counts, accepted_draft / n
 
 
 def gof_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -73,17 +83,17 @@ SAMPLINGS = [SamplingConfig(temperature=0.7), SamplingConfig(temperature=1.0), S
 @pytest.mark.parametrize("sampling", SAMPLINGS, ids=["T0.7", "T1", "T1-top_p0.8"])
 def test_eagle2_sampling_matches_target(setup, sampling):
     engine, prompt = setup
-    probs = exact_pairs(engine, prompt, sampling)
-    counts, accept_rate = sample_pairs(engine, prompt, "eagle2", sampling)
-    assert accept_rate > 0.3, "x2 must often come from an accepted draft, or the test checks nothing"
+    probs = exact_tail(engine, prompt, sampling)
+    counts, accept_rate = sample_tail(engine, prompt, "eagle2", sampling)
+    assert accept_rate > 0.3, "x3 must often come from an accepted draft, or the test checks nothing"
     assert gof_pvalue(counts, probs) > P_MIN
 
 
 def test_vanilla_sampling_matches_target(setup):
     engine, prompt = setup
     sampling = SamplingConfig(temperature=1.0, top_k=6)
-    counts, _ = sample_pairs(engine, prompt, "vanilla", sampling)
-    assert gof_pvalue(counts, exact_pairs(engine, prompt, sampling)) > P_MIN
+    counts, _ = sample_tail(engine, prompt, "vanilla", sampling)
+    assert gof_pvalue(counts, exact_tail(engine, prompt, sampling)) > P_MIN
 
 
 def test_broken_acceptance_is_caught(setup, monkeypatch):
@@ -97,5 +107,21 @@ def test_broken_acceptance_is_caught(setup, monkeypatch):
 
     monkeypatch.setattr(decode_module, "accept", first_child_always)
     sampling = SamplingConfig(temperature=1.0)
-    counts, _ = sample_pairs(engine, prompt, "eagle2", sampling)
-    assert gof_pvalue(counts, exact_pairs(engine, prompt, sampling)) < P_MIN
+    counts, _ = sample_tail(engine, prompt, "eagle2", sampling)
+    assert gof_pvalue(counts, exact_tail(engine, prompt, sampling)) < P_MIN
+
+
+def test_broken_acceptance_below_the_root_is_caught(setup, monkeypatch):
+    """Accepting a depth-2 node without checking the draw at its depth-1 parent biases x3."""
+    engine, prompt = setup
+
+    def unchecked_below_root(tree, drawn):
+        drawn = drawn.clone()
+        deep = (tree.depths == 2).nonzero().flatten()
+        drawn[tree.parents[deep]] = tree.tokens[deep]  # each depth-1 node pretends it drew one of its children
+        return accept(tree, drawn)
+
+    monkeypatch.setattr(decode_module, "accept", unchecked_below_root)
+    sampling = SamplingConfig(temperature=1.0)
+    counts, _ = sample_tail(engine, prompt, "eagle2", sampling)
+    assert gof_pvalue(counts, exact_tail(engine, prompt, sampling)) < P_MIN
