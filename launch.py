@@ -10,6 +10,7 @@ This is the only place that parses command-line arguments; everything else recei
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 DESCRIPTION = """\
@@ -45,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="default draft-tree settings. auto (default): measured on this machine once per model, head, dtype "
         "and device (about a minute the first time, then cached); paper: the EAGLE-2 paper's 60,6,10; "
         "or three numbers, e.g. 40,5,8.",
+    )
+    m.add_argument(
+        "--lookup", type=int, default=0, metavar="N",
+        help="add a prompt-lookup branch of up to N tokens copied from the conversation to every draft tree "
+        "(still lossless; helps replies that quote their input). Default: 0 (off).",
     )
     m.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N. Default: auto.")
     m.add_argument(
@@ -105,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_new_tokens < 1:
         return fail(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not 0 <= args.lookup <= 64:
+        return fail(f"--lookup must be between 0 (off) and 64 tokens, got {args.lookup}")
 
     t = step("Loading libraries (torch, transformers, gradio)")
     from app import AppOptions, build_ui, load_examples
@@ -162,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             return fail(f"--tree {args.tree!r} is not auto, paper or TOTAL,DEPTH,TOPK ({err})")
         tree_note = "set by --tree"
+    if args.lookup:
+        tree = replace(tree, lookup=args.lookup)
+        tree_note += f"; prompt-lookup branch of {args.lookup} tokens (--lookup)"
     try:
         examples = load_examples()
     except ValueError as err:

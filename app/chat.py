@@ -107,6 +107,7 @@ def make_config(
     depth,
     tree_top_k,
     seed=None,
+    lookup=0,
 ) -> GenerationConfig:
     """A validated GenerationConfig from the settings panel's raw values; ValueError says what is wrong."""
     if method not in METHODS:
@@ -124,6 +125,7 @@ def make_config(
             total_tokens=_whole("tree total tokens", total_tokens),
             depth=_whole("tree depth", depth),
             top_k=_whole("tree top-k", tree_top_k),
+            lookup=_whole("prompt-lookup tokens", lookup),
         ),
         seed=None if seed_value is None or seed_value < 0 else seed_value,
     )

@@ -10,6 +10,7 @@ Drawing rules:
   - an edge joins each node to its parent; within a column nodes are ordered by their parent's row, so
     edges never cross;
   - node shade is the draft's confidence exp(score) (score = cumulative log-probability of the path);
+    nodes copied from the context by prompt lookup (`lookup_from` on) are teal instead;
   - the accepted path (root first) has a thick green outline and green edges, rejected nodes are faded;
   - the bonus token (the target's own token after the accepted path) is an extra dashed orange node
     marked '★', drawn as a child of the last accepted node. It is drawn only when it was committed (a
@@ -37,6 +38,7 @@ ACCEPT = "#15803d"
 BONUS = "#ea580c"
 ROOT = "#374151"
 FADED = 0.38
+COPIED = "#99f6e4"  # nodes copied from the context by prompt lookup (no draft probability)
 
 
 def _fill(confidence: float) -> tuple[str, str]:
@@ -97,6 +99,7 @@ def render_tree(event: dict, labels: list[str], bonus_label: str | None = None) 
         return f'<div class="tree-caption">Cycle {cycle}: {how}; token <code>{text}</code>.</div>'
     tokens, parents = tree["tokens"], tree["parents"]
     depths, scores = tree["depths"], tree["scores"]
+    copied_from = tree.get("lookup_from") or len(tokens)  # nodes from here on came from prompt lookup
     if len(labels) != len(tokens):
         raise ValueError(f"got {len(labels)} labels for a tree of {len(tokens)} nodes")
     accepted = list(event.get("accepted") or [0])
@@ -171,6 +174,9 @@ def render_tree(event: dict, labels: list[str], bonus_label: str | None = None) 
                 f"node {i} {full}: depth {depths_all[i]}, path confidence {conf:.1%}, "
                 f"step probability {step:.1%}, {verdict}"
             )
+            if i >= copied_from:
+                fill, ink = COPIED, "#134e4a"
+                tip = f"node {i} {full}: depth {depths_all[i]}, copied from the context by prompt lookup, {verdict}"
             if i in on_path:
                 kind, outline, sw, extra = "accepted", ACCEPT, 3, ""
             else:
@@ -188,8 +194,9 @@ def render_tree(event: dict, labels: list[str], bonus_label: str | None = None) 
 
     n_accepted = len(accepted) - 1
     bonus_note = " + bonus token ★" if show_bonus else " (no bonus token: a stop condition ended the cycle)"
+    copied = f" ({n - copied_from} copied by prompt lookup)" if copied_from < n else ""
     caption = (
-        f'<div class="tree-caption">Cycle {cycle}: {n - 1} drafted tokens, depth {max(depths)}, '
+        f'<div class="tree-caption">Cycle {cycle}: {n - 1} drafted tokens{copied}, depth {max(depths)}, '
         f"{n_accepted} accepted{bonus_note} · draft {event.get('draft_ms', 0.0):.1f} ms · "
         f"verify {event.get('verify_ms', 0.0):.1f} ms</div>"
     )

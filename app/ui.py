@@ -131,14 +131,14 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
     def show_pending(session: ChatSession, tint: bool):
         return "", chatbot_messages(session.turns, tint, session.pending)
 
-    def stream_chat(session, system_prompt, tint, method, max_new, temperature, top_p, top_k, total, depth, tree_k, seed):
+    def stream_chat(session, system_prompt, tint, method, max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup):
         message = session.pending
         if message is None:  # nothing claimed the session (e.g. a stale chained event)
             session.active = False
             return
         keep = gr.update()
         try:
-            config = make_config(method, max_new, temperature, top_p, top_k, total, depth, tree_k, seed)
+            config = make_config(method, max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup)
             messages = build_messages(system_prompt, session_history(session.turns), message)
             view = None
             for view in stream_reply(engine, messages, config, session.cancel, options.poll_s):
@@ -196,7 +196,7 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
         return session
 
     def compare_measure(
-        session, system_prompt, method_a, method_b, max_new, temperature, top_p, top_k, total, depth, tree_k, seed
+        session, system_prompt, method_a, method_b, max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup
     ):
         prompt = session.pending
         if prompt is None:
@@ -207,7 +207,7 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
             # One seed for both sides, so a sampled comparison differs only by method.
             shared_seed = seed if seed is not None and seed >= 0 else random.randrange(2**31)
             configs = tuple(
-                make_config(m, max_new, temperature, top_p, top_k, total, depth, tree_k, shared_seed)
+                make_config(m, max_new, temperature, top_p, top_k, total, depth, tree_k, shared_seed, lookup)
                 for m in (method_a, method_b)
             )
             prompt_ids = engine.chat_ids(build_messages(system_prompt, [], prompt))
@@ -270,7 +270,8 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
             message = check_message(message, engine.context_length)
             tree = options.tree
             config = make_config(
-                method, max_new_tokens, temperature, top_p, top_k, tree.total_tokens, tree.depth, tree.top_k
+                method, max_new_tokens, temperature, top_p, top_k, tree.total_tokens, tree.depth, tree.top_k,
+                lookup=tree.lookup,
             )
             if history is not None and not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in history):
                 raise ValueError('history must be a list of {"role": ..., "content": ...} messages')
@@ -306,7 +307,11 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
                 total = gr.Slider(1, 128, value=t.total_tokens, step=1, label="Total drafted tokens", info="EAGLE-2 paper: 60")
                 depth = gr.Slider(1, 12, value=t.depth, step=1, label="Depth", info="EAGLE-2 paper: 6")
                 tree_k = gr.Slider(1, 20, value=t.top_k, step=1, label="Top-k per expansion", info="EAGLE-2 only; paper: 10")
-        settings = [max_new, temperature, top_p, top_k, total, depth, tree_k, seed]
+                lookup = gr.Slider(
+                    0, 32, value=t.lookup, step=1, label="Prompt-lookup branch (tokens)", elem_id="lookup",
+                    info="0 = off. Adds tokens copied from the conversation (teal in the tree); still lossless",
+                )
+        settings = [max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup]
 
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):

@@ -2,7 +2,9 @@
 
 `python -m engine.bench --questions FILE --methods vanilla,eagle2,... --out RESULT.json [options]`
 
-Methods: `vanilla`, `eagle1`, `eagle2` (this engine) and the baselines a user would pick instead,
+Methods: `vanilla`, `eagle1`, `eagle2` (this engine), `eagle2_lookup` (eagle2 plus a prompt-lookup
+branch of `--prompt-lookup-tokens` tokens grafted into its tree, engine/lookup.py) and the baselines a
+user would pick instead,
 `hf_generate` (transformers `generate`) and `hf_prompt_lookup` (`generate` with
 `prompt_lookup_num_tokens`). All run on the same loaded model.
 
@@ -52,7 +54,7 @@ from engine.detok import IncrementalDetokenizer
 from engine.kv import new_cache
 from engine.verify import target_forward
 
-ENGINE_METHODS = ("vanilla", "eagle1", "eagle2")
+ENGINE_METHODS = ("vanilla", "eagle1", "eagle2", "eagle2_lookup")
 BASELINES = ("hf_generate", "hf_prompt_lookup")
 BENCH_METHODS = ENGINE_METHODS + BASELINES
 # Largest logit gap between two diverging tokens still accepted as a rounding tie, per dtype. bf16 logits
@@ -131,7 +133,7 @@ class Method(Protocol):
 
 
 class EngineMethod:
-    """`vanilla`, `eagle1` or `eagle2` through `Engine.generate`."""
+    """`vanilla`, `eagle1`, `eagle2` or `eagle2_lookup` through `Engine.generate`."""
 
     def __init__(self, engine: Engine, method: str):
         if method != "vanilla" and engine.head is None:
@@ -139,11 +141,12 @@ class EngineMethod:
         self.engine, self.method = engine, method
 
     def run(self, prompt_ids: list[int], settings: BenchSettings) -> TurnOutput:
+        lookup = settings.prompt_lookup_num_tokens if self.method == "eagle2_lookup" else 0
         config = GenerationConfig(
-            method=self.method,
+            method=self.method.removesuffix("_lookup"),
             max_new_tokens=settings.max_new_tokens,
             sampling=settings.sampling,
-            tree=settings.tree,
+            tree=replace(settings.tree, lookup=lookup),
             seed=settings.seed,
         )
         start = time.perf_counter()
@@ -561,7 +564,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=default_tree.depth, help="draft tree depth")
     parser.add_argument("--top-k", type=int, default=default_tree.top_k, help="draft tree branching (eagle2)")
     parser.add_argument("--autotune", action="store_true", help="use the auto-tuned tree for this hardware instead")
-    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens")
+    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_prompt_lookup, and the lookup branch of eagle2_lookup")
     parser.add_argument("--warmup-tokens", type=int, default=32)
     parser.add_argument("--check-lossless", action="store_true", help="compare every method's tokens with vanilla's")
     parser.add_argument("--margin-bound", type=float, default=None, help="logit gap above which a divergence is "
@@ -581,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_lossless and args.temperature > 0:
         raise SystemExit("--check-lossless needs greedy decoding (--temperature 0): sampled tokens differ by design")
     questions = load_questions(args.questions, args.limit, args.per_category)
-    engine, head_path = engine_from_args(args, need_head=any(m in ("eagle1", "eagle2") for m in names))
+    engine, head_path = engine_from_args(args, need_head=any(m.startswith("eagle") for m in names))
     tree = TreeConfig(args.total_tokens, args.depth, args.top_k)
     if args.autotune:
         from engine.autotune import load_or_tune  # autotune imports this module's loaders; import here

@@ -15,7 +15,7 @@ from app.labels import shorten, visible
 from app.pump import pump
 from app.reply import Piece, drafted_count, pieces_from_cycle, render_tinted
 from app.stats import speedup_line, stats_line
-from app.tree_svg import layout_rows, render_cycle, render_tree
+from app.tree_svg import COPIED, layout_rows, render_cycle, render_tree
 
 SVG = "{http://www.w3.org/2000/svg}"
 TEXTS = {10: "A", 11: "<", 12: "\n", 13: " ", 14: "&", 15: "x", 20: "end", 0: "<|im_end|>"}
@@ -139,6 +139,17 @@ def test_tree_caption_counts_and_timings():
     assert "draft 12.5 ms" in panel and "verify 40.2 ms" in panel
 
 
+def test_copied_nodes_are_teal_and_counted():
+    event = cycle_event()
+    event["tree"]["lookup_from"] = 4  # nodes 4 and 5 came from prompt lookup
+    panel = render_cycle(event, token_texts)
+    svg = svg_of(panel)
+    fills = {int(g.get("data-node")): g.find(f"{SVG}rect").get("fill") for g in svg.iter(f"{SVG}g") if g.get("data-node")}
+    assert fills[4] == fills[5] == COPIED and COPIED not in (fills[1], fills[2], fills[3])
+    assert "5 drafted tokens (2 copied by prompt lookup)" in panel
+    assert "copied from the context" in panel and "copied" not in render_cycle(cycle_event(), token_texts)
+
+
 def test_vanilla_cycle_has_no_tree():
     event = {"type": "cycle", "cycle": 4, "new_token_ids": [11], "text": "<", "tree": None, "accepted": [],
              "bonus_token": 11, "draft_ms": 0.0, "verify_ms": 3.0, "totals": {}}
@@ -250,6 +261,7 @@ def test_make_config_accepts_ui_values_and_rejects_out_of_range():
     config = make_config("eagle2", 128.0, 0.7, 0.9, 40.0, 60, 6, 10, -1)
     assert config.max_new_tokens == 128 and config.sampling.top_k == 40 and config.seed is None
     assert make_config("vanilla", 8, 0, 1, 0, 60, 6, 10, 7).seed == 7
+    assert config.tree.lookup == 0 and make_config("eagle2", 8, 0, 1, 0, 60, 6, 10, -1, 12.0).tree.lookup == 12
     for args, message in [
         (("eagle3", 8, 0, 1, 0, 60, 6, 10), "unknown method"),
         (("eagle2", 0, 0, 1, 0, 60, 6, 10), "max_new_tokens"),
@@ -259,6 +271,7 @@ def test_make_config_accepts_ui_values_and_rejects_out_of_range():
         (("eagle2", 8, 0, 1, 0, 600, 6, 10), "total_tokens"),
         (("eagle2", 8, 0, 1, 0, 60, 0, 10), "depth"),
         (("eagle2", 8, "hot", 1, 0, 60, 6, 10), "temperature must be a number"),
+        (("eagle2", 8, 0, 1, 0, 60, 6, 10, -1, 99), "lookup"),
     ]:
         with pytest.raises(ValueError, match=message):
             make_config(*args)

@@ -11,7 +11,7 @@ import launch
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = (
     "--model", "--head", "--no-head", "--load-in-4bit", "--load-in-8bit", "--device", "--dtype", "--host",
-    "--port", "--share", "--auth", "--no-browser", "--max-new-tokens",
+    "--port", "--share", "--auth", "--no-browser", "--max-new-tokens", "--lookup",
 )
 
 
@@ -48,3 +48,5 @@ def test_bad_arguments_fail_fast_with_a_message(capsys):
     assert "--auth must look like user:password" in capsys.readouterr().err
     assert launch.main(["--port", "70000"]) == 2
     assert "--port must be between 1 and 65535" in capsys.readouterr().err
+    assert launch.main(["--lookup", "65"]) == 2
+    assert "--lookup must be between 0 (off) and 64" in capsys.readouterr().err

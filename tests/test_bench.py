@@ -127,6 +127,7 @@ def test_lossless_check_flags_a_broken_method_and_passes_the_engine(engine):
         "vanilla": EngineMethod(engine, "vanilla"),
         "eagle2": EngineMethod(engine, "eagle2"),
         "eagle1": EngineMethod(engine, "eagle1"),
+        "eagle2_lookup": EngineMethod(engine, "eagle2_lookup"),
         "broken": FlipToken(EngineMethod(engine, "eagle2"), 3, vocab),
         "short": DropLast(EngineMethod(engine, "vanilla")),
     }
@@ -135,7 +136,7 @@ def test_lossless_check_flags_a_broken_method_and_passes_the_engine(engine):
     by_method = {}
     for d in report["divergences"]:
         by_method.setdefault(d["method"], []).append(d)
-    assert set(by_method) == {"broken", "short"}  # eagle1 and eagle2 are token-identical to vanilla
+    assert set(by_method) == {"broken", "short"}  # the eagle methods are token-identical to vanilla
     broken = by_method["broken"]
     assert [(d["question_id"], d["turn"], d["position"]) for d in broken] == [(1, 0, 3), (2, 0, 3), (3, 0, 3)]
     vanilla = {r["question_id"]: r for r in results if r["method"] == "vanilla"}
@@ -146,8 +147,8 @@ def test_lossless_check_flags_a_broken_method_and_passes_the_engine(engine):
         assert d["vanilla_rank"] == 0  # vanilla's token is the recomputed argmax
     assert all(d["bug"] and d["margin"] is None for d in by_method["short"])
     assert report["bugs"] == len(broken) + len(by_method["short"])
-    # eagle: 4 turns each; broken and short stop at their first divergence, turn 0 of each question
-    assert report["compared_turns"] == 4 + 4 + 3 + 3
+    # eagle methods: 4 turns each; broken and short stop at their first divergence, turn 0 of each question
+    assert report["compared_turns"] == 4 + 4 + 4 + 3 + 3
 
     # the same divergences under a huge bound are near-ties, except a shorter output, which never is
     lenient = bench.check_lossless(engine, QUESTIONS, results, bound=1e9, max_new_tokens=SETTINGS.max_new_tokens)
@@ -178,7 +179,7 @@ def test_command_writes_json_markdown_and_chart(saved_tiny, tmp_path):
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
     assert set(report) == {"config", "hardware", "memory", "results", "summary", "lossless"}
-    assert report["config"]["tree"] == {"total_tokens": 12, "depth": 4, "top_k": 3}
+    assert report["config"]["tree"] == {"total_tokens": 12, "depth": 4, "top_k": 3, "lookup": 0}
     assert report["config"]["dtype"] == "float32" and report["config"]["question_count"] == 3
     for key in ("cpu", "threads", "gpu", "torch", "transformers"):
         assert key in report["hardware"]
