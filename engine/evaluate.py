@@ -3,6 +3,8 @@
     python -m engine.evaluate --questions ../shared/data/benchmarks/spec_bench/question.jsonl \
         --per-category 3 --temperatures 0,1 --out runs/eval.json
 
+Questions are picked as the benchmark picks them (engine.bench.load_questions: evenly spaced per category).
+
 τ is the mean number of tokens committed per verify cycle (accepted drafts + the bonus token).
 Acceptance by depth d is the share of cycles whose accepted path reaches depth d. Multi-turn questions
 feed each answer back as history. Speed is the benchmark's job (engine/bench.py); this reports only
@@ -11,43 +13,31 @@ acceptance, so it is valid on any machine load.
 
 import argparse
 import json
-import random
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from tqdm import tqdm
 
+from engine.bench import load_questions, turn_prompt
 from engine.config import GenerationConfig, SamplingConfig, TreeConfig
 from engine.decode import Engine
-
-
-def read_questions(path: str | Path, per_category: int | None = None, limit: int | None = None, seed: int = 0) -> list[dict]:
-    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
-    if per_category:
-        by_cat = defaultdict(list)
-        for r in rows:
-            by_cat[r["category"]].append(r)
-        rng = random.Random(seed)
-        rows = [r for cat in sorted(by_cat) for r in rng.sample(by_cat[cat], min(per_category, len(by_cat[cat])))]
-    return rows[:limit] if limit else rows
 
 
 def acceptance(engine: Engine, questions: list[dict], config: GenerationConfig, desc: str = "") -> dict:
     """Per category: cycles, tokens, τ, and acceptance-by-depth shares."""
     stats = defaultdict(lambda: {"cycles": 0, "tokens": 0, "depth_hist": defaultdict(int)})
     for q in tqdm(questions, desc=desc or f"{config.method} T={config.sampling.temperature}", unit="question"):
-        messages = []
-        for turn in q["turns"]:
-            messages.append({"role": "user", "content": turn})
-            events = list(engine.generate(engine.chat_ids(messages), config))
+        answers = []
+        for _ in q["turns"]:
+            events = list(engine.generate(turn_prompt(engine, q, answers, config.max_new_tokens), config))
             s = stats[q["category"]]
             for e in events:
                 if e["type"] == "cycle" and e["cycle"] > 0:
                     s["cycles"] += 1
                     s["tokens"] += len(e["new_token_ids"])
                     s["depth_hist"][len(e["accepted"]) - 1] += 1
-            messages.append({"role": "assistant", "content": events[-1]["text"]})
+            answers.append(events[-1]["text"])
     out = {}
     for cat, s in list(stats.items()) + [("overall", merge(stats.values()))]:
         max_d = max(s["depth_hist"], default=0)
@@ -92,14 +82,15 @@ def main(argv=None) -> None:
     p.add_argument("--total-tokens", type=int, default=60)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--lookup", type=int, default=0, help="prompt-lookup branch tokens (0: plain EAGLE)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     model, tokenizer = load_target(ModelSpec(model=args.model, dtype=args.dtype))
     head = load_head(args.head or default_head_path(), model)
     engine = Engine(model, tokenizer, head)
-    questions = read_questions(args.questions, args.per_category, args.limit, args.seed)
-    tree = TreeConfig(args.total_tokens, args.depth, args.top_k)
+    questions = load_questions(args.questions, args.limit, args.per_category)
+    tree = TreeConfig(args.total_tokens, args.depth, args.top_k, args.lookup)
     results = {}
     for t in [float(x) for x in args.temperatures.split(",")]:
         cfg = GenerationConfig(args.method, args.max_new_tokens, SamplingConfig(temperature=t), tree, seed=args.seed)

@@ -3,7 +3,8 @@
 import json
 
 from engine.config import GenerationConfig, TreeConfig
-from engine.evaluate import acceptance, markdown, read_questions
+from engine.bench import load_questions
+from engine.evaluate import acceptance, markdown
 from tests.tiny import tiny_engine
 
 
@@ -15,7 +16,7 @@ def test_acceptance_by_depth_and_tau(tmp_path):
         {"question_id": 3, "category": "qa", "turns": ["why"]},
     ]
     qfile.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    questions = read_questions(qfile, per_category=1)
+    questions = load_questions(qfile, per_category=1)
     assert sorted(q["category"] for q in questions) == ["qa", "writing"]
     engine = tiny_engine("llama", head="oracle")
     cfg = GenerationConfig(method="eagle2", max_new_tokens=41, tree=TreeConfig(100, 4, 4))
