@@ -22,9 +22,9 @@ def lookup_chain(history: list[int], max_tokens: int, ngrams: tuple[int, ...] = 
     for n in ngrams:
         if len(history) <= n:
             continue
-        tail = history[-n:]
+        tail, first = history[-n:], history[-n]
         for start in range(len(history) - n - 1, -1, -1):  # latest first; the tail itself excluded
-            if history[start : start + n] == tail:
+            if history[start] == first and history[start : start + n] == tail:
                 return history[start + n : start + n + max_tokens]
     return []
 
