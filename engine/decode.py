@@ -6,7 +6,8 @@ Every method runs the same cycle on the same model and forward path:
   accept -> the longest root path matching those draws, plus the bonus token
   commit -> keep the accepted entries in the target's KV cache; queue them for the draft head
 Greedy output is the target's argmax sequence whatever the drafter guesses; sampled output follows the
-target's distribution (see engine/verify.py). One host sync per cycle: a single packed `.tolist()`.
+target's distribution (see engine/verify.py). One host sync per cycle: a single packed `.tolist()` (plus
+one to read the tree when the prompt-lookup branch is on, engine/lookup.py).
 
 `Engine.generate` is a generator of plain event dicts (engine/events.py); it knows nothing of HTML.
 """
