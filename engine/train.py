@@ -176,22 +176,37 @@ def answered_prompts(data_dir: Path) -> set[tuple[int, ...]]:
 
 
 @torch.no_grad()
-def shard_tensors(model, records: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-    """Concatenate sequences; features are the target's final-norm hidden states (bf16)."""
+def shard_tensors(model, records: list[tuple[list[int], list[int]]], batch_tokens: int = 8192) -> dict[str, torch.Tensor]:
+    """Concatenate sequences; features are the target's final-norm hidden states (bf16).
+
+    Sequences of similar length share a forward (right-padded, masked): causal attention means the
+    padding never reaches a real position."""
     base = base_model(model)
-    ids, feats, offsets, starts = [], [], [0], []
-    for prompt, answer in records:
-        seq = torch.tensor(prompt + answer, device=model.device)
-        hidden = base(input_ids=seq[None]).last_hidden_state[0]  # (T, H)
-        ids.append(seq.cpu())
-        feats.append(hidden.to(torch.bfloat16).cpu())
+    seqs = [prompt + answer for prompt, answer in records]
+    hidden: list[torch.Tensor | None] = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    while order:
+        group = [order.pop(0)]
+        while order and len(seqs[order[0]]) * (len(group) + 1) <= batch_tokens:
+            group.append(order.pop(0))
+        width = len(seqs[group[-1]])
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for r, i in enumerate(group):
+            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+            mask[r, : len(seqs[i])] = 1
+        out = base(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).last_hidden_state
+        out = out.to(torch.bfloat16).cpu()
+        for r, i in enumerate(group):
+            hidden[i] = out[r, : len(seqs[i])]
+    offsets = [0]
+    for seq in seqs:
         offsets.append(offsets[-1] + len(seq))
-        starts.append(len(prompt))
     return {
-        "input_ids": torch.cat(ids),
-        "features": torch.cat(feats),
+        "input_ids": torch.tensor([t for seq in seqs for t in seq], dtype=torch.long),
+        "features": torch.cat(hidden),
         "offsets": torch.tensor(offsets),
-        "answer_start": torch.tensor(starts),
+        "answer_start": torch.tensor([len(prompt) for prompt, _ in records]),
     }
 
 

@@ -104,3 +104,18 @@ def test_data_generation_extends_a_run_without_answering_twice(tmp_path):
     assert len(after) == 16 and before < after
     seqs = load_sequences(run)
     assert len(seqs) == 16  # no sequence stored twice
+
+
+def test_shard_features_batched_equal_one_sequence_at_a_time():
+    from engine.train import shard_tensors
+    from engine.verify import base_model
+
+    model = tiny_model("llama", layers=2, seed=5).float()
+    records = [([1, 5, 9], [4, 4, 7, 2]), ([3] * 11, [8, 2]), ([6, 1], [2]), ([7, 7, 3, 5], [9, 9, 9, 9, 9, 1])]
+    t = shard_tensors(model, records, batch_tokens=24)  # several forwards, each padded to its longest
+    off = t["offsets"].tolist()
+    for i, (prompt, answer) in enumerate(records):
+        alone = base_model(model)(input_ids=torch.tensor([prompt + answer])).last_hidden_state[0]
+        assert t["input_ids"][off[i] : off[i + 1]].tolist() == prompt + answer
+        assert t["answer_start"][i] == len(prompt)
+        torch.testing.assert_close(t["features"][off[i] : off[i + 1]].float(), alone.to(torch.bfloat16).float())
