@@ -48,9 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "or three numbers, e.g. 40,5,8.",
     )
     m.add_argument(
-        "--lookup", type=int, default=0, metavar="N",
+        "--lookup", type=int, default=10, metavar="N",
         help="add a prompt-lookup branch of up to N tokens copied from the conversation to every draft tree "
-        "(still lossless; helps replies that quote their input). Default: 0 (off).",
+        "(still lossless; helps replies that quote their input). Default: 10; 0 turns it off.",
     )
     m.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N. Default: auto.")
     m.add_argument(
