@@ -17,6 +17,7 @@ Benchmark questions must never be used here; `--prompts` refuses files from a be
 """
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -183,29 +184,23 @@ def shard_tensors(model, records: list[tuple[list[int], list[int]]], batch_token
     padding never reaches a real position."""
     base = base_model(model)
     seqs = [prompt + answer for prompt, answer in records]
+    lengths = [len(seq) for seq in seqs]
     hidden: list[torch.Tensor | None] = [None] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    while order:
-        group = [order.pop(0)]
-        while order and len(seqs[order[0]]) * (len(group) + 1) <= batch_tokens:
-            group.append(order.pop(0))
-        width = len(seqs[group[-1]])
+    for group in pack(sorted(range(len(seqs)), key=lengths.__getitem__), lengths, batch_tokens):
+        width = max(lengths[i] for i in group)
         ids = torch.zeros(len(group), width, dtype=torch.long)
         mask = torch.zeros(len(group), width, dtype=torch.long)
         for r, i in enumerate(group):
-            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
-            mask[r, : len(seqs[i])] = 1
+            ids[r, : lengths[i]] = torch.tensor(seqs[i])
+            mask[r, : lengths[i]] = 1
         out = base(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).last_hidden_state
         out = out.to(torch.bfloat16).cpu()
         for r, i in enumerate(group):
-            hidden[i] = out[r, : len(seqs[i])]
-    offsets = [0]
-    for seq in seqs:
-        offsets.append(offsets[-1] + len(seq))
+            hidden[i] = out[r, : lengths[i]]
     return {
         "input_ids": torch.tensor([t for seq in seqs for t in seq], dtype=torch.long),
         "features": torch.cat(hidden),
-        "offsets": torch.tensor(offsets),
+        "offsets": torch.tensor([0, *itertools.accumulate(lengths)]),
         "answer_start": torch.tensor([len(prompt) for prompt, _ in records]),
     }
 
@@ -225,20 +220,25 @@ def load_sequences(run: Path) -> list[dict]:
 # ---- stage 2: fit -----------------------------------------------------------------------------
 
 
+def pack(order: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Cut `order` into consecutive groups whose padded size (longest x count) stays within `budget`."""
+    groups, cur, width = [], [], 0
+    for i in order:
+        if cur and max(width, lengths[i]) * (len(cur) + 1) > budget:
+            groups.append(cur)
+            cur, width = [], 0
+        cur.append(i)
+        width = max(width, lengths[i])
+    if cur:
+        groups.append(cur)
+    return groups
+
+
 def batches(seqs: list[dict], batch_tokens: int, rng: random.Random):
     """Endless stream of lists of sequences, about `batch_tokens` tokens each, similar lengths together."""
     while True:
         order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]["ids"]) + rng.random() * 64))
-        groups, cur, width = [], [], 0
-        for i in order:
-            n = len(seqs[i]["ids"])
-            if cur and max(width, n) * (len(cur) + 1) > batch_tokens:
-                groups.append(cur)
-                cur, width = [], 0
-            cur.append(i)
-            width = max(width, n)
-        if cur:
-            groups.append(cur)
+        groups = pack(order, [len(s["ids"]) for s in seqs], batch_tokens)
         rng.shuffle(groups)
         for g in groups:
             yield [seqs[i] for i in g]

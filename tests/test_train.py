@@ -18,7 +18,9 @@ from engine.train import (
     generate_data,
     load_sequences,
     read_prompts,
+    shard_tensors,
 )
+from engine.verify import base_model
 from tests.tiny import tiny_model, tiny_tokenizer
 
 
@@ -107,9 +109,6 @@ def test_data_generation_extends_a_run_without_answering_twice(tmp_path):
 
 
 def test_shard_features_batched_equal_one_sequence_at_a_time():
-    from engine.train import shard_tensors
-    from engine.verify import base_model
-
     model = tiny_model("llama", layers=2, seed=5).float()
     records = [([1, 5, 9], [4, 4, 7, 2]), ([3] * 11, [8, 2]), ([6, 1], [2]), ([7, 7, 3, 5], [9, 9, 9, 9, 9, 1])]
     t = shard_tensors(model, records, batch_tokens=24)  # several forwards, each padded to its longest
