@@ -16,11 +16,16 @@ drafting it again; its accepted length is how far one of its paths follows the k
 which is exactly what greedy verification would accept there. One draft per top_k and position scores
 the whole grid; no verification is run.
 
+Calibration (sampling, T > 0): the answers are sampled with the same settings, and one target forward
+over each whole pool gives every node's probability of being accepted (the product of the target's
+processed probabilities along its path, engine/verify.py), so each tree's *expected* accepted length is
+a sum over the nodes it keeps: exact for these contexts, with no sampling noise. Sampling accepts less,
+so it is tuned on a grid of smaller trees (`SAMPLED_GRID`) and cached under its own key.
+
 `choose_tree` is the pure part: any cost and acceptance model in, the best grid point out. Results are
-cached as JSON per (model, head weights, dtype, device and its CPU/GPU model and threads) under
-`cache_dir()/autotune/`; `load_or_tune` reads the cache or tunes (a minute or two on a 2-core CPU for
-the default model) and is what `launch.py` calls. Sampling (T > 0) accepts less than greedy; the tree
-is tuned for greedy decoding.
+cached as JSON per (model, head weights, dtype, device and its CPU/GPU model and threads, and sampling
+settings when T > 0) under `cache_dir()/autotune/`; `load_or_tune` reads the cache or tunes (a minute or
+two on a 2-core CPU for the default model) and is what `launch.py` calls for greedy decoding.
 """
 
 import argparse
@@ -39,13 +44,13 @@ import torch
 from tqdm import tqdm
 
 from engine.bench import add_engine_arguments, engine_from_args, hardware_info
-from engine.config import GenerationConfig, TreeConfig
+from engine.config import GenerationConfig, SamplingConfig, TreeConfig
 from engine.decode import Engine
 from engine.draft import Drafter
 from engine.kv import new_cache
 from engine.models import cache_dir
 from engine.tree import Tree, make_tree
-from engine.verify import accept, target_forward, tree_attention_mask
+from engine.verify import accept, draw_tokens, processed_probs, target_forward, tree_attention_mask
 
 FORMAT = 1  # bump when the cached JSON changes meaning
 MAX_POOL = 512  # TreeConfig's total_tokens limit: the largest candidate pool drafted in calibration
@@ -103,6 +108,10 @@ def tree_grid(totals=TOTALS, depths=DEPTHS, top_ks=TOP_KS) -> list[TreeConfig]:
         for total in totals
         if total <= pool_size(depth, k)
     ]
+
+
+# Sampling accepts less, so smaller trees win; each pool is verified in calibration, so the grid stays small.
+SAMPLED_GRID = tree_grid(totals=(2, 4, 6, 8, 12, 16, 24, 32), depths=(1, 2, 3, 4, 5), top_ks=(2, 4, 6, 8))
 
 
 def rank_trees(cost: CostModel, acceptance: AcceptanceModel, grid: list[TreeConfig]) -> list[Candidate]:
@@ -175,40 +184,69 @@ class MeasuredAcceptance:
 
 
 def accepted_lengths(pool: Tree, continuation: list[int], totals, depths) -> dict[tuple[int, int], int]:
-    """Accepted draft length of every EAGLE-2 tree (total_tokens, depth) cut from a full candidate pool.
-
-    `pool` is a draft with total_tokens >= its pool size, so its nodes are the whole pool in pool order
-    (root first, then depth by depth). `continuation` is the target's greedy tokens after the root.
-    A tree (T, d) keeps the T best-scoring pool nodes of depth <= d (stable sort, as `select_dynamic`);
-    it accepts the longest run of its nodes that follows the continuation from the root."""
-    tokens, parents = pool.tokens.tolist(), pool.parents.tolist()
-    node_depths, scores = pool.depths.tolist(), pool.scores.float().tolist()
-    on_path = [True] + [False] * (len(tokens) - 1)
-    chain = []  # pool nodes along the continuation, one per depth, shallowest first
+    """Accepted draft length of every EAGLE-2 tree (total_tokens, depth) cut from a full candidate pool,
+    under greedy verification. `continuation` is the target's greedy tokens after the root; a node is
+    accepted when its whole root path follows it (see `expected_lengths`)."""
+    tokens, parents, node_depths = pool.tokens.tolist(), pool.parents.tolist(), pool.depths.tolist()
+    reach = [1.0] + [0.0] * (len(tokens) - 1)
     for i in range(1, len(tokens)):
         d = node_depths[i]
-        if on_path[parents[i]] and d <= len(continuation) and tokens[i] == continuation[d - 1]:
-            on_path[i] = True
-            chain.append(i)
+        if reach[parents[i]] and d <= len(continuation) and tokens[i] == continuation[d - 1]:
+            reach[i] = 1.0
+    return {key: round(value) for key, value in expected_lengths(pool, reach, totals, depths).items()}
+
+
+def expected_lengths(pool: Tree, reach: list[float], totals, depths) -> dict[tuple[int, int], float]:
+    """Expected accepted draft length of every EAGLE-2 tree (total_tokens, depth) cut from a full pool.
+
+    `pool` is a draft with total_tokens >= its pool size, so its nodes are the whole pool in pool order
+    (root first, then depth by depth); `reach[i]` is the probability that verification accepts node i
+    (greedy: 1 on the target's continuation, else 0). A tree (T, d) keeps the T best-scoring pool nodes
+    of depth <= d (stable sort, as `select_dynamic`), a set that holds every kept node's ancestors, so
+    its expected accepted length is the sum of `reach` over the nodes it keeps."""
+    node_depths, scores = pool.depths.tolist(), pool.scores.float().tolist()
     out = {}
     for d in depths:
-        kept = [i for i in range(1, len(tokens)) if node_depths[i] <= d]
-        rank = {node: r for r, node in enumerate(sorted(kept, key=lambda i: -scores[i]))}
+        kept = sorted((i for i in range(1, len(scores)) if node_depths[i] <= d), key=lambda i: -scores[i])
+        running = [0.0]
+        for node in kept:
+            running.append(running[-1] + reach[node])
         for total in totals:
-            accepted = 0
-            for node in chain:
-                if node_depths[node] > d or rank[node] >= total:
-                    break
-                accepted += 1
-            out[(total, d)] = accepted
+            out[(total, d)] = running[min(total, len(kept))]
     return out
 
 
-def target_features(engine: Engine, ids: list[int]) -> torch.Tensor:
-    """Target features (len(ids), H) of a plain causal forward."""
+@torch.no_grad()
+def sampled_reach(engine: Engine, cache, root_position: int, pool: Tree, sampling: SamplingConfig) -> list[float]:
+    """P(verification accepts node i) for every pool node when the target samples: one forward over
+    the whole pool after the first `root_position` entries of `cache` (which may hold more: they are
+    masked out, and the pool's entries are dropped again). A node is accepted when the target's draw at
+    every node on its path is the next node's token (engine/verify.py), so its probability is the
+    product of the processed target probabilities along its path."""
+    n, past = pool.size, cache.get_seq_length()
+    allowed = torch.cat(
+        [
+            (torch.arange(past, device=engine.device) < root_position).expand(n, past),
+            pool.ancestors,
+        ],
+        dim=1,
+    )  # (n, past + n)
+    mask = torch.zeros(allowed.shape, dtype=engine.dtype, device=engine.device)
+    mask = mask.masked_fill_(~allowed, torch.finfo(engine.dtype).min)[None, None]
+    _, logits = target_forward(engine.model, pool.tokens, root_position + pool.depths, mask, cache)  # (n, V)
+    cache.crop(-n)
+    probs = processed_probs(logits, sampling)  # (n, V)
+    edge = probs[pool.parents.clamp(min=0), pool.tokens]  # (n,) P(parent's draw is this node's token)
+    edge[0] = 1.0
+    on_path = pool.paths >= 0
+    return torch.where(on_path, edge[pool.paths.clamp(min=0)], 1.0).prod(dim=-1).tolist()
+
+
+def target_features(engine: Engine, ids: list[int], cache=None) -> torch.Tensor:
+    """Target features (len(ids), H) of a plain causal forward (into `cache` when given)."""
     tokens = torch.tensor(ids, dtype=torch.long, device=engine.device)
     positions = torch.arange(len(ids), device=engine.device)
-    features, _ = target_forward(engine.model, tokens, positions, None, new_cache(engine.model), logits=False)
+    features, _ = target_forward(engine.model, tokens, positions, None, new_cache(engine.model) if cache is None else cache, logits=False)
     return features
 
 
@@ -216,13 +254,17 @@ def _drafter(engine: Engine, capacity: int) -> Drafter:
     return Drafter(engine.head, engine.model.get_input_embeddings(), engine.model.lm_head, capacity)
 
 
-def greedy_answers(engine: Engine, prompts: list[str], new_tokens: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, greedy answer ids) per prompt. Vanilla: its cost does not depend on the head."""
+def greedy_answers(
+    engine: Engine, prompts: list[str], new_tokens: int, sampling: SamplingConfig = SamplingConfig()
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) per prompt: greedy, or sampled (seeded) when `sampling` says so.
+    Vanilla: its cost does not depend on the head."""
     answers = []
-    for prompt in prompts:
+    for seed, prompt in enumerate(prompts):
         ids = engine.chat_ids([{"role": "user", "content": prompt}])
         end = None
-        for end in engine.generate(ids, GenerationConfig(method="vanilla", max_new_tokens=new_tokens)):
+        config = GenerationConfig(method="vanilla", max_new_tokens=new_tokens, sampling=sampling, seed=seed)
+        for end in engine.generate(ids, config):
             pass
         answers.append((ids, end["output_ids"]))
     return answers
@@ -235,22 +277,26 @@ def calibrate_acceptance(
     grid: list[TreeConfig],
     stride: int = 1,
     progress: bool = False,
+    sampling: SamplingConfig = SamplingConfig(),
 ) -> MeasuredAcceptance:
-    """tau of every grid tree from the head's candidate pools along known greedy answers (module doc),
-    drafting at every `stride`-th answer position."""
+    """tau of every grid tree from the head's candidate pools along known answers (module doc), drafting
+    at every `stride`-th answer position. Greedy: a tree's accepted length is how far it follows the
+    answer. Sampling: the expected accepted length, from one target forward over each pool
+    (`sampled_reach`)."""
     top_ks = sorted({t.top_k for t in grid})
     deepest = {k: max(t.depth for t in grid if t.top_k == k) for k in top_ks}
     totals, depths = sorted({t.total_tokens for t in grid}), sorted({t.depth for t in grid})
     reach = max(deepest.values())  # a root needs this many known tokens after it
     roots = [range(len(p), len(p) + len(out) - reach, stride) for p, out in answers]  # root = seq index
-    sums: dict[tuple[int, int, int], int] = {}
+    sums: dict[tuple[int, int, int], float] = {}
     samples = 0
     with tqdm(total=sum(map(len, roots)), desc="calibrating", unit="pos", disable=not progress, file=sys.stderr) as bar:
         for (prompt_ids, output_ids), positions in zip(answers, roots):
             if not positions:
                 continue
             seq = prompt_ids + output_ids
-            features = target_features(engine, seq[:-1])  # (N-1, H)
+            cache = None if sampling.greedy else new_cache(engine.model)  # sampling verifies pools against it
+            features = target_features(engine, seq[:-1], cache)  # (N-1, H)
             tokens = torch.tensor(seq, dtype=torch.long, device=engine.device)  # (N,)
             drafter = _drafter(engine, len(seq) + max(pool_size(deepest[k], k) for k in top_ks))
             done = 0  # pairs (f_i, x_{i+1}) for i < done are in the head's cache
@@ -262,7 +308,11 @@ def calibrate_acceptance(
                     depth = deepest[k]
                     pool = drafter.dynamic_tree(tokens[p], hidden, TreeConfig(pool_size(depth, k), depth, k))
                     drafter.cache.truncate(drafter.cache.length)  # drop this draft's scratch entries
-                    lengths = accepted_lengths(pool, continuation, totals, [d for d in depths if d <= depth])
+                    cut = [d for d in depths if d <= depth]
+                    if sampling.greedy:
+                        lengths = accepted_lengths(pool, continuation, totals, cut)
+                    else:
+                        lengths = expected_lengths(pool, sampled_reach(engine, cache, p, pool, sampling), totals, cut)
                     for (total, d), accepted in lengths.items():
                         sums[(total, d, k)] = sums.get((total, d, k), 0) + accepted
                 samples += 1
@@ -295,14 +345,17 @@ def measure_costs(
     repeats: int = 5,
     accepted: int = 3,
     progress: bool = False,
+    sampling: SamplingConfig = SamplingConfig(),
 ) -> MeasuredCost:
     """Verify latency per tree size and draft latency per (depth, top_k), after `context_ids` (the
-    length of context changes attention cost, so pass a realistic one). Each point is a median."""
+    length of context changes attention cost, so pass a realistic one; the draws at the nodes follow
+    `sampling`, which costs more than argmax). Each point is a median."""
     draft_points = draft_points or [(d, k) for k in TOP_KS for d in DEPTHS if pool_size(d, k) <= MAX_POOL]
     past = len(context_ids)
     if past < accepted + 2:
         raise ValueError(f"timing needs a context of at least {accepted + 2} tokens, got {past}")
     model, device = engine.model, engine.device
+    generator = None if sampling.greedy else torch.Generator(device=device).manual_seed(0)
     context = torch.tensor(context_ids, dtype=torch.long, device=device)  # (P,)
     cache = new_cache(model)
     features, _ = target_forward(model, context, torch.arange(past, device=device), None, cache, logits=False)
@@ -316,7 +369,7 @@ def measure_costs(
         def once():  # the engine's verify stage
             mask = tree_attention_mask(tree, past, engine.dtype)
             _, logits = target_forward(model, tree.tokens, past + tree.depths, mask, cache)  # (n, V)
-            int(accept(tree, logits.argmax(dim=-1)))  # the cycle's host sync
+            int(accept(tree, draw_tokens(logits, sampling, generator)))  # the cycle's host sync
             cache.crop(-n)
 
         return once
@@ -367,9 +420,10 @@ class TuneResult:
         return self.tokens_per_s / self.vanilla_tokens_per_s
 
     def summary(self) -> str:
-        t = self.tree
+        t, sampling = self.tree, self.key.get("sampling")
+        decoding = "" if sampling is None else f" for sampling at temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}"
         line = (
-            f"auto-tuned tree: {t.total_tokens} tokens, depth {t.depth}, top-k {t.top_k} "
+            f"auto-tuned tree{decoding}: {t.total_tokens} tokens, depth {t.depth}, top-k {t.top_k} "
             f"(expected τ {self.tau:.2f}, {self.tokens_per_s:.1f} tokens/s, {self.speedup:.2f}x vanilla "
             f"on this machine)"
         )
@@ -416,8 +470,9 @@ class TuneResult:
         )
 
 
-def tuning_key(engine: Engine) -> dict:
-    """What the tuned tree depends on: model, head weights, dtype, and the hardware it was timed on."""
+def tuning_key(engine: Engine, sampling: SamplingConfig = SamplingConfig()) -> dict:
+    """What the tuned tree depends on: model, head weights, dtype, the hardware it was timed on, and the
+    sampling settings when not greedy (they change acceptance)."""
     if engine.head is None:
         raise ValueError("auto-tuning picks the draft tree, so it needs a draft head; load one with --head")
     digest = hashlib.sha256()
@@ -430,7 +485,7 @@ def tuning_key(engine: Engine) -> dict:
     hw = hardware_info(engine.device)
     where = hw["gpu"] if hw["gpu"] else f"{hw['cpu']}, {hw['threads']} threads"
     config = engine.model.config
-    return {
+    key = {
         "model": getattr(config, "_name_or_path", "") or config.model_type,
         "model_shape": [config.hidden_size, config.num_hidden_layers, config.vocab_size],
         "head_sha256": digest.hexdigest()[:16],
@@ -438,6 +493,9 @@ def tuning_key(engine: Engine) -> dict:
         "device": f"{engine.device} ({where})",
         "torch": hw["torch"],
     }
+    if not sampling.greedy:  # greedy keys carry no sampling entry: greedy tunings cached before stay valid
+        key["sampling"] = asdict(sampling)
+    return key
 
 
 def cache_path(key: dict, root: Path | None = None) -> Path:
@@ -455,15 +513,19 @@ def tune(
     node_counts=NODE_COUNTS,
     repeats: int = 5,
     progress: bool = False,
+    sampling: SamplingConfig = SamplingConfig(),
 ) -> TuneResult:
-    """Measure costs and acceptance on this machine and choose the tree (greedy acceptance)."""
-    key = tuning_key(engine)
-    grid = grid or tree_grid()
-    answers = greedy_answers(engine, list(prompts), new_tokens)
-    acceptance = calibrate_acceptance(engine, answers, grid, stride, progress)
+    """Measure costs and acceptance on this machine and choose the tree, for greedy decoding or for the
+    given sampling settings (then on `SAMPLED_GRID`, the trees small enough to pay when sampling)."""
+    key = tuning_key(engine, sampling)
+    grid = grid or (tree_grid() if sampling.greedy else SAMPLED_GRID)
+    answers = greedy_answers(engine, list(prompts), new_tokens, sampling)
+    acceptance = calibrate_acceptance(engine, answers, grid, stride, progress, sampling)
     longest = max(answers, key=lambda a: len(a[0]) + len(a[1]))
     draft_points = sorted({(t.depth, t.top_k) for t in grid})
-    cost = measure_costs(engine, longest[0] + longest[1], node_counts, draft_points, repeats, progress=progress)
+    cost = measure_costs(
+        engine, longest[0] + longest[1], node_counts, draft_points, repeats, progress=progress, sampling=sampling
+    )
     ranked = rank_trees(cost, acceptance, grid)
     best = ranked[0]
     return TuneResult(
@@ -482,7 +544,7 @@ def load_or_tune_result(
     engine: Engine, cache: Path | None = None, retune: bool = False, progress: bool = False, **tune_args
 ) -> TuneResult:
     """The cached tuning for this model, head, dtype and device, or a fresh one (then cached)."""
-    key = tuning_key(engine)
+    key = tuning_key(engine, tune_args.get("sampling", SamplingConfig()))
     path = cache_path(key, cache)
     if not retune and path.is_file():
         try:
@@ -558,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-tokens", type=int, default=64, help="greedy answer length per prompt")
     parser.add_argument("--calibration-stride", type=int, default=2, help="draft at every N-th answer position")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per cost point (median)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="tune for sampling at this temperature (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="tune for sampling with this top-p")
     parser.add_argument("--retune", action="store_true", help="ignore the cache and measure again")
     parser.add_argument("--top", type=int, default=10, help="how many ranked trees to print")
     parser.add_argument("--no-progress", action="store_true")
@@ -566,10 +630,12 @@ def main(argv: list[str] | None = None) -> int:
         prompts = read_prompts(args.prompts, args.calibration_prompts)
     else:
         prompts = list(CALIBRATION_PROMPTS[: args.calibration_prompts])
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
+    sampling.validate()
     engine, _ = engine_from_args(args, need_head=True)
     result = load_or_tune_result(
         engine, retune=args.retune, progress=not args.no_progress, prompts=prompts,
-        new_tokens=args.calibration_tokens, stride=args.calibration_stride, repeats=args.repeats,
+        new_tokens=args.calibration_tokens, stride=args.calibration_stride, repeats=args.repeats, sampling=sampling,
     )  # fmt: skip
     print(report(result, cache_path(result.key), args.top))
     return 0

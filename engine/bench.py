@@ -563,7 +563,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--total-tokens", type=int, default=default_tree.total_tokens, help="draft tree nodes")
     parser.add_argument("--depth", type=int, default=default_tree.depth, help="draft tree depth")
     parser.add_argument("--top-k", type=int, default=default_tree.top_k, help="draft tree branching (eagle2)")
-    parser.add_argument("--autotune", action="store_true", help="use the auto-tuned tree for this hardware instead")
+    parser.add_argument("--autotune", action="store_true", help="use the tree auto-tuned for this hardware and sampling instead")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_prompt_lookup, and the lookup branch of eagle2_lookup")
     parser.add_argument("--warmup-tokens", type=int, default=32)
     parser.add_argument("--check-lossless", action="store_true", help="compare every method's tokens with vanilla's")
@@ -586,13 +586,14 @@ def main(argv: list[str] | None = None) -> int:
     questions = load_questions(args.questions, args.limit, args.per_category)
     engine, head_path = engine_from_args(args, need_head=any(m.startswith("eagle") for m in names))
     tree = TreeConfig(args.total_tokens, args.depth, args.top_k)
-    if args.autotune:
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
+    if args.autotune:  # tuned for this sampling: it changes acceptance, so the best tree
         from engine.autotune import load_or_tune  # autotune imports this module's loaders; import here
 
-        tree = load_or_tune(engine, progress=not args.no_progress)
+        tree = load_or_tune(engine, progress=not args.no_progress, sampling=sampling)
     settings = BenchSettings(
         max_new_tokens=args.max_new_tokens,
-        sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p),
+        sampling=sampling,
         tree=tree,
         seed=args.seed,
         warmup_tokens=args.warmup_tokens,

@@ -10,10 +10,11 @@ import torch
 
 from engine import autotune, bench
 from engine.autotune import MeasuredCost, choose_tree, pool_size, tree_grid
-from engine.config import TreeConfig
+from engine.config import SamplingConfig, TreeConfig
 from engine.draft import Drafter
+from engine.kv import new_cache
 from engine.tree import select_dynamic
-from engine.verify import accept
+from engine.verify import accept, processed_probs
 from tests.test_bench import saved_tiny  # noqa: F401  (a fixture: tiny model and head folders)
 from tests.tiny import perturbed, tiny_engine
 
@@ -200,3 +201,49 @@ def test_commands_tune_once_and_the_benchmark_uses_the_tuned_tree(saved_tiny, tm
     assert bench.main(argv) == 0
     assert json.loads(out.read_text())["config"]["tree"] == tuned
     assert len(calls) == 1  # the benchmark read the cache
+
+
+def test_sampled_reach_is_the_product_of_target_probabilities_along_each_path():
+    """One masked forward over the pool (after a longer cache) gives, for every node, the probability that
+    sampled verification accepts it; compared with plain causal forwards of each node's own sequence."""
+    engine = tiny_engine("llama", head="oracle")
+    engine.head = perturbed(engine.head, 0.6, 2)
+    sampling = SamplingConfig(temperature=0.8, top_p=0.9)
+    prompt, out = autotune.greedy_answers(engine, ["the cat sat on"], 12, sampling)[0]
+    seq = prompt + out
+    cache = new_cache(engine.model)
+    features = autotune.target_features(engine, seq[:-1], cache)  # the cache holds all of seq[:-1]
+    tokens = torch.tensor(seq)
+    p = len(prompt) + 3  # a root in the middle: later cache entries must be masked out
+    drafter = Drafter(engine.head, engine.model.get_input_embeddings(), engine.model.lm_head, len(seq) + 64)
+    hidden = drafter.extend(tokens[1 : p + 1], features[:p])
+    pool = drafter.dynamic_tree(tokens[p], hidden, TreeConfig(pool_size(3, 3), 3, 3))
+    reach = autotune.sampled_reach(engine, cache, p, pool, sampling)
+    assert cache.get_seq_length() == len(seq) - 1  # the pool's entries were dropped again
+    paths = pool.paths.tolist()
+    node_tokens = pool.tokens.tolist()
+    with torch.no_grad():
+        for i, path in enumerate(paths):
+            path = [j for j in path if j >= 0]
+            context = seq[: p + 1] + [node_tokens[j] for j in path[1:]]
+            probs = processed_probs(engine.model(torch.tensor([context])).logits[0].float(), sampling)  # (len, V)
+            expected = 1.0
+            for depth, j in enumerate(path[1:], start=1):  # node j is drawn at position p + depth - 1
+                expected *= float(probs[p + depth - 1, node_tokens[j]])
+            assert reach[i] == pytest.approx(expected, rel=1e-3, abs=1e-6), i
+    assert reach[0] == 1.0 and 0.0 < sum(reach[1:]) < len(reach) - 1
+
+
+def test_sampled_calibration_and_its_own_cache_entry(tmp_path):
+    """Tuning for sampling scores the sampled grid with expected acceptance (below greedy's for the same
+    tree), and caches apart from the greedy tuning."""
+    engine = tiny_engine("llama", head="oracle")
+    sampling = SamplingConfig(temperature=1.0)
+    small = {**SMALL, "grid": tree_grid(totals=(2, 4, 8), depths=(1, 2), top_ks=(2, 4))}
+    greedy = autotune.load_or_tune_result(engine, cache=tmp_path, **small)
+    sampled = autotune.load_or_tune_result(engine, cache=tmp_path, sampling=sampling, **small)
+    assert len(list((tmp_path / "autotune").glob("*.json"))) == 2
+    assert sampled.key == autotune.tuning_key(engine, sampling) and sampled.key["sampling"]["temperature"] == 1.0
+    assert "greedy" not in greedy.summary() and "temperature 1" in sampled.summary()
+    for tree in small["grid"]:
+        assert 1.0 <= sampled.acceptance.tau(tree) < greedy.acceptance.tau(tree)  # an oracle head: greedy accepts all
