@@ -25,6 +25,8 @@ Result JSON (field names are stable, scripts read them):
   summary: {method: {overall: {...}, per_category: {category: {...}}, peak_memory_mb}} where each {...}
   holds tokens_per_s, speedup_vs_vanilla, tau, new_tokens, wall_s; and `lossless` with --check-lossless.
 A markdown table (RESULT.md) and a chart of speedup per category (RESULT.png) are written beside it.
+Every answer is also saved as it finishes in RESULT.partial.jsonl (removed at the end): after a crash
+or a kill, the same command with `--resume` reuses those answers and runs only the rest.
 
 The losslessness audit compares each method's tokens with vanilla's, turn by turn. At the first
 differing position it recomputes the target's logits on the shared prefix (one plain forward) and
@@ -270,23 +272,82 @@ def run_benchmark(
     settings: BenchSettings,
     progress: bool = False,
     memory: MemoryMeter | None = None,
+    done: dict[tuple, dict] | None = None,
+    record=None,
 ) -> list[dict]:
-    """Warm up, then answer each question with every method in turn (A B C, A B C, ...)."""
+    """Warm up, then answer each question with every method in turn (A B C, A B C, ...).
+
+    `done` maps (question_id, method) to rows of an earlier, interrupted run: those answers are reused,
+    not run again. `record(row)` is called with every new row as soon as it exists (the checkpoint)."""
     if not questions:
         raise ValueError("no questions to run: check the question file, --limit and --per-category")
-    warm_up(engine, methods, questions[0], settings)
+    done = done or {}
+    todo = [(q, name) for q in questions for name in methods if (q["question_id"], name) not in done]
+    if todo:
+        warm_up(engine, methods, questions[0], settings)
     memory = memory or MemoryMeter(engine.device)
     results = []
-    total = len(questions) * len(methods)
-    with tqdm(total=total, desc="bench", unit="answer", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(total=len(todo), desc="bench", unit="answer", disable=not progress, file=sys.stderr) as bar:
         for question in questions:
             for name, method in methods.items():
-                bar.set_postfix_str(f"q{question['question_id']} {name}")
-                memory.start()
-                results.append(answer_question(engine, method, name, question, settings))
-                memory.stop(name)
-                bar.update()
+                row = done.get((question["question_id"], name))
+                if row is None:
+                    bar.set_postfix_str(f"q{question['question_id']} {name}")
+                    memory.start()
+                    row = answer_question(engine, method, name, question, settings)
+                    memory.stop(name)
+                    if record is not None:
+                        record(row)
+                    bar.update()
+                results.append(row)
     return results
+
+
+class Checkpoint:
+    """Answers saved as they finish, so an interrupted run can go on with `--resume`.
+
+    A jsonl file beside the result (RESULT.partial.jsonl): its first line holds the run's settings, then
+    one line per answer. Resuming reuses the answers only when the settings match, and the file is
+    removed once the full report is written. Reused answers were timed in the earlier process; the
+    question-by-question interleaving still holds within each process."""
+
+    def __init__(self, out: Path, settings: dict):
+        self.path = out.with_name(out.stem + ".partial.jsonl")
+        self.settings = settings
+
+    def load(self) -> dict[tuple, dict]:
+        """Answers of an earlier run with the same settings, by (question_id, method)."""
+        if not self.path.is_file():
+            return {}
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        saved = json.loads(lines[0]).get("settings") if lines else None
+        if saved != self.settings:
+            changed = sorted(k for k in set(saved or {}) | set(self.settings) if (saved or {}).get(k) != self.settings.get(k))
+            raise SystemExit(
+                f"cannot resume from {self.path}: it was run with other settings ({', '.join(changed)}); "
+                f"run the same command again, or drop --resume to start over"
+            )
+        rows = {}
+        for line in lines[1:]:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short when the run was killed
+                continue
+            rows[(row["question_id"], row["method"])] = row
+        return rows
+
+    def start(self, rows: dict[tuple, dict]) -> None:
+        """Begin the file afresh with the settings and the answers being kept."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps({"settings": self.settings})] + [json.dumps(r) for r in rows.values()]
+        self.path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+    def record(self, row: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 # ---- summary ------------------------------------------------------------------------------------
@@ -547,6 +608,21 @@ def engine_from_args(args: argparse.Namespace, need_head: bool) -> tuple[Engine,
     return Engine(model, tokenizer, head), head_path
 
 
+def run_settings(args, questions: list[dict], names: list[str], head_path, engine: Engine, settings: BenchSettings) -> dict:
+    """Everything that changes an answer or its timing: what `--resume` must find unchanged."""
+    return {
+        "question_ids": [q["question_id"] for q in questions],
+        "methods": names,
+        "model": args.model,
+        "head": head_path,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "device": str(engine.device),
+        "quantization": "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None,
+        "threads": torch.get_num_threads(),
+        **json.loads(json.dumps(asdict(settings))),  # max_new_tokens, sampling, tree, seed, ...
+    }
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", required=True, help="Spec-Bench style jsonl (question_id, category, turns)")
@@ -567,6 +643,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_prompt_lookup, and the lookup branch of eagle2_lookup")
     parser.add_argument("--warmup-tokens", type=int, default=32)
     parser.add_argument("--check-lossless", action="store_true", help="compare every method's tokens with vanilla's")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="reuse the answers an interrupted run with the same settings saved in RESULT.partial.jsonl",
+    )  # fmt: skip
     parser.add_argument("--margin-bound", type=float, default=None, help="logit gap above which a divergence is "
                         "a bug (default by dtype: fp32 1e-4, fp16 0.25, bf16 0.5)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -601,7 +681,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     GenerationConfig(max_new_tokens=settings.max_new_tokens, sampling=settings.sampling, tree=tree).validate()
     memory = MemoryMeter(engine.device)
-    results = run_benchmark(engine, build_methods(engine, names), questions, settings, not args.no_progress, memory)
+    checkpoint = Checkpoint(Path(args.out), run_settings(args, questions, names, head_path, engine, settings))
+    done = checkpoint.load() if args.resume else {}
+    if done:
+        print(f"resuming: {len(done)} answer(s) reused from {checkpoint.path}", file=sys.stderr)
+    checkpoint.start(done)
+    results = run_benchmark(
+        engine, build_methods(engine, names), questions, settings, not args.no_progress, memory, done, checkpoint.record
+    )
 
     dtype = str(engine.dtype).removeprefix("torch.")
     bound = args.margin_bound if args.margin_bound is not None else MARGIN_BOUNDS.get(engine.dtype, 0.5)
@@ -626,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
             "autotune": args.autotune,
             "prompt_lookup_num_tokens": args.prompt_lookup_tokens,
             "warmup_tokens": args.warmup_tokens,
+            "resumed_answers": len(done),  # answers reused from an interrupted run (--resume)
         },
         "hardware": hardware_info(engine.device),
         "memory": {"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": memory.peak_mb or None},
@@ -635,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_lossless:
         report["lossless"] = check_lossless(engine, questions, results, bound, args.max_new_tokens)
     md, png = write_report(report, Path(args.out))
+    checkpoint.finish()
     print(md.read_text())
     print(f"wrote {args.out}, {md} and {png}")
     lossless = report.get("lossless")

@@ -211,3 +211,40 @@ def test_command_refuses_lossless_check_without_vanilla_or_when_sampling(tmp_pat
         bench.main(base + ["--methods", "vanilla,eagle2", "--temperature", "0.7"])
     with pytest.raises(SystemExit, match="unknown method"):
         bench.main(base + ["--methods", "vanilla,medusa"])
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(saved_tiny, tmp_path, monkeypatch):
+    questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    out = tmp_path / "result.json"
+    argv = [
+        "--questions", str(questions), "--methods", "vanilla,eagle2", "--out", str(out),
+        "--model", str(saved_tiny / "model"), "--head", str(saved_tiny / "head"), "--dtype", "float32",
+        "--device", "cpu", "--max-new-tokens", "8", "--no-progress", "--threads", "1",
+    ]  # fmt: skip
+    real_answer, answered = bench.answer_question, []
+
+    def dies_at_the_fourth(engine, method, name, question, settings):
+        if len(answered) == 3:
+            raise KeyboardInterrupt  # the run is killed during its fourth answer
+        answered.append((question["question_id"], name))
+        return real_answer(engine, method, name, question, settings)
+
+    monkeypatch.setattr(bench, "answer_question", dies_at_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    partial = tmp_path / "result.partial.jsonl"
+    assert not out.exists() and len(partial.read_text().splitlines()) == 1 + 3  # settings + three answers
+
+    with pytest.raises(SystemExit, match=r"other settings \(max_new_tokens\)"):  # another max-new-tokens: no reuse
+        bench.main([a if a != "8" else "9" for a in argv] + ["--resume"])
+
+    answered.clear()
+    monkeypatch.setattr(bench, "answer_question", lambda *a: (answered.append((a[3]["question_id"], a[2])), real_answer(*a))[1])
+    assert bench.main(argv + ["--resume"]) == 0
+    assert answered == [(2, "eagle2"), (3, "vanilla"), (3, "eagle2")]  # only what the first run had not done
+    report = json.loads(out.read_text())
+    assert [(r["question_id"], r["method"]) for r in report["results"]] == [
+        (q["question_id"], m) for q in QUESTIONS for m in ("vanilla", "eagle2")
+    ]
+    assert report["config"]["resumed_answers"] == 3 and not partial.exists()
+    assert all(r["new_tokens"] > 0 for r in report["results"])
