@@ -29,6 +29,10 @@ from engine.tree import EAGLE1_DEFAULT_TREE, StaticPlan, Tree, root_only, static
 from engine.verify import accept, draw_tokens, target_forward, tree_attention_mask
 
 SCORE_SCALE = 10_000  # scores travel to the host packed as integers, with 4 decimals
+# A cycle that accepts at least this many drafted tokens and ends on a copied (prompt-lookup) node starts
+# a copy stretch: the next cycle verifies the copied chain alone, up to twice the lookup length, without
+# running the head (its pairs wait for the next head cycle), until a cycle accepts less than that.
+COPY_RUN = 4
 
 
 class ContextTooLong(ValueError):
@@ -61,6 +65,8 @@ class DecodeState:
     pending: torch.Tensor  # () last committed token, not yet in the target's cache: the next root
     pairs: tuple[torch.Tensor, torch.Tensor] | None  # (tokens (a,), features (a, H)) to feed the head
     prompt: list[int] = field(default_factory=list)
+    head_fed: bool = False  # this cycle's draft fed `pairs` to the head (a copy cycle leaves them pending)
+    copying: bool = False  # the last cycle accepted a long copied run: draft the next one by lookup alone
     output: list[int] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
 
@@ -228,7 +234,11 @@ class Engine:
         state.past_len += accepted
         state.pending = drawn[best]
         if drafter is not None:
-            state.pairs = (torch.cat([tree.tokens[path_t[1:]], drawn[best].view(1)]), features[path_t])
+            pairs = (torch.cat([tree.tokens[path_t[1:]], drawn[best].view(1)]), features[path_t])
+            if not state.head_fed:  # a copy cycle: the head has not seen the last pairs yet, keep them all
+                pairs = tuple(torch.cat([old, new]) for old, new in zip(state.pairs, pairs))
+            state.pairs, state.head_fed = pairs, False
+            state.copying = lookup_from < n and path[-1] >= lookup_from and accepted - 1 >= COPY_RUN
         state.totals.cycles += 1
         draft_ms, verify_ms = self.stopwatch.ms(t0, t1), self.stopwatch.ms(t1, t2)
         state.totals.draft_ms += draft_ms
@@ -248,7 +258,12 @@ class Engine:
         room = self.context_length - state.past_len  # cache slots left, the root included
         if drafter is None:
             return root_only(state.pending), 1
-        root_hidden = drafter.extend(*state.pairs)  # commit last cycle's pairs (keeps the head in step)
+        lookup = config.tree.lookup
+        chain = lookup_chain(state.prompt + state.output, 2 * lookup) if lookup and room > 1 else []
+        if state.copying and chain:  # inside a copied stretch the head's tree rarely adds: skip it
+            return graft(root_only(state.pending), chain[: room - 1])
+        root_hidden = drafter.extend(*state.pairs)  # commit the pending pairs (keeps the head in step)
+        state.head_fed = True
         if config.method == "eagle2" and room >= 2:
             tree_cfg = config.tree
             if tree_cfg.total_tokens > room - 1:
@@ -258,9 +273,8 @@ class Engine:
             tree = drafter.static_tree(state.pending, root_hidden, plan)
         else:
             return root_only(state.pending), 1  # near the context limit: one token at a time
-        if config.tree.lookup and room > tree.size:
-            chain = lookup_chain(state.prompt + state.output, config.tree.lookup)
-            return graft(tree, chain[: room - tree.size])
+        if chain and room > tree.size:
+            return graft(tree, chain[: min(lookup, room - tree.size)])
         return tree, tree.size
 
     # ---- stopping -----------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def repeating_prompt() -> list[int]:
 
 @pytest.mark.parametrize("head_kind", ["random", "perturbed"])
 @pytest.mark.parametrize("method", ["eagle2", "eagle1"])
-def test_greedy_with_lookup_matches_vanilla(head_kind, method):
+def test_greedy_with_lookup_matches_vanilla(head_kind, method, monkeypatch):
     # seeds whose greedy replies loop over several tokens, so the context has something to copy
     if head_kind == "random":
         model = tiny_model("llama", layers=2, seed=3)
@@ -66,7 +66,14 @@ def test_greedy_with_lookup_matches_vanilla(head_kind, method):
         model = tiny_model("llama", layers=1, seed=4)
         head = perturbed(oracle_head(model), 4.0, 4)
     engine = Engine(model, tiny_tokenizer(), head)
-    grafted_cycles, grafted_accepts = 0, 0
+    real_draft = Engine._draft
+
+    def head_in_step(self, state, config, drafter, plan):  # copy cycles leave pairs pending, never lose them
+        assert drafter is None or drafter.cache.length + state.pairs[0].shape[0] == state.past_len
+        return real_draft(self, state, config, drafter, plan)
+
+    monkeypatch.setattr(Engine, "_draft", head_in_step)
+    grafted_cycles, grafted_accepts, copy_cycles = 0, 0, 0
     for prompt in ("the cat sat on the mat and the cat sat on the", "abc abc abc abc", "hello there"):
         ids = engine.chat_ids([{"role": "user", "content": prompt}])
         want = list(engine.generate(ids, GenerationConfig(method="vanilla", max_new_tokens=48)))[-1]["output_ids"]
@@ -77,7 +84,10 @@ def test_greedy_with_lookup_matches_vanilla(head_kind, method):
             if e["type"] == "cycle" and e["tree"] and e["tree"]["lookup_from"] is not None:
                 grafted_cycles += 1
                 grafted_accepts += max(e["accepted"]) >= e["tree"]["lookup_from"]
+                copy_cycles += e["tree"]["lookup_from"] == 1  # a copy cycle: the copied chain alone
     assert grafted_cycles > 0 and grafted_accepts > 0, "the lookup branch never got through: the test checks nothing"
+    if head_kind == "perturbed":  # its replies copy long runs: copy cycles (the chain without the head) happen
+        assert copy_cycles > 0
 
 
 def test_lookup_sampling_matches_target():
