@@ -421,7 +421,10 @@ class TuneResult:
 
     def summary(self) -> str:
         t, sampling = self.tree, self.key.get("sampling")
-        decoding = "" if sampling is None else f" for sampling at temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}"
+        decoding = (
+            " for greedy decoding" if sampling is None
+            else f" for sampling at temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}"
+        )  # fmt: skip
         line = (
             f"auto-tuned tree{decoding}: {t.total_tokens} tokens, depth {t.depth}, top-k {t.top_k} "
             f"(expected τ {self.tau:.2f}, {self.tokens_per_s:.1f} tokens/s, {self.speedup:.2f}x vanilla "

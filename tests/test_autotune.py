@@ -244,6 +244,6 @@ def test_sampled_calibration_and_its_own_cache_entry(tmp_path):
     sampled = autotune.load_or_tune_result(engine, cache=tmp_path, sampling=sampling, **small)
     assert len(list((tmp_path / "autotune").glob("*.json"))) == 2
     assert sampled.key == autotune.tuning_key(engine, sampling) and sampled.key["sampling"]["temperature"] == 1.0
-    assert "greedy" not in greedy.summary() and "temperature 1" in sampled.summary()
+    assert "greedy decoding" in greedy.summary() and "sampling at temperature 1," in sampled.summary()
     for tree in small["grid"]:
         assert 1.0 <= sampled.acceptance.tau(tree) < greedy.acceptance.tau(tree)  # an oracle head: greedy accepts all
