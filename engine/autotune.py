@@ -223,16 +223,8 @@ def sampled_reach(engine: Engine, cache, root_position: int, pool: Tree, samplin
     masked out, and the pool's entries are dropped again). A node is accepted when the target's draw at
     every node on its path is the next node's token (engine/verify.py), so its probability is the
     product of the processed target probabilities along its path."""
-    n, past = pool.size, cache.get_seq_length()
-    allowed = torch.cat(
-        [
-            (torch.arange(past, device=engine.device) < root_position).expand(n, past),
-            pool.ancestors,
-        ],
-        dim=1,
-    )  # (n, past + n)
-    mask = torch.zeros(allowed.shape, dtype=engine.dtype, device=engine.device)
-    mask = mask.masked_fill_(~allowed, torch.finfo(engine.dtype).min)[None, None]
+    n = pool.size
+    mask = tree_attention_mask(pool, cache.get_seq_length(), engine.dtype, visible=root_position)
     _, logits = target_forward(engine.model, pool.tokens, root_position + pool.depths, mask, cache)  # (n, V)
     cache.crop(-n)
     probs = processed_probs(logits, sampling)  # (n, V)
@@ -254,7 +246,7 @@ def _drafter(engine: Engine, capacity: int) -> Drafter:
     return Drafter(engine.head, engine.model.get_input_embeddings(), engine.model.lm_head, capacity)
 
 
-def greedy_answers(
+def reference_answers(
     engine: Engine, prompts: list[str], new_tokens: int, sampling: SamplingConfig = SamplingConfig()
 ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) per prompt: greedy, or sampled (seeded) when `sampling` says so.
@@ -424,11 +416,12 @@ class TuneResult:
         decoding = (
             " for greedy decoding" if sampling is None
             else f" for sampling at temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}"
+            + (f", top-k {sampling['top_k']}" if sampling["top_k"] else "")
         )  # fmt: skip
         line = (
             f"auto-tuned tree{decoding}: {t.total_tokens} tokens, depth {t.depth}, top-k {t.top_k} "
             f"(expected τ {self.tau:.2f}, {self.tokens_per_s:.1f} tokens/s, {self.speedup:.2f}x vanilla "
-            f"on this machine)"
+            f"on this machine; launch.py --tree {t.total_tokens},{t.depth},{t.top_k})"
         )
         if self.speedup < 1.0:
             line += "; no tree beats vanilla here with this head, so vanilla is the faster choice"
@@ -522,7 +515,7 @@ def tune(
     given sampling settings (then on `SAMPLED_GRID`, the trees small enough to pay when sampling)."""
     key = tuning_key(engine, sampling)
     grid = grid or (tree_grid() if sampling.greedy else SAMPLED_GRID)
-    answers = greedy_answers(engine, list(prompts), new_tokens, sampling)
+    answers = reference_answers(engine, list(prompts), new_tokens, sampling)
     acceptance = calibrate_acceptance(engine, answers, grid, stride, progress, sampling)
     longest = max(answers, key=lambda a: len(a[0]) + len(a[1]))
     draft_points = sorted({(t.depth, t.top_k) for t in grid})
@@ -620,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_arguments(parser)
     parser.add_argument("--prompts", default=None, help="jsonl of calibration prompts (default: built-in)")
     parser.add_argument("--calibration-prompts", type=int, default=4, help="how many prompts to calibrate on")
-    parser.add_argument("--calibration-tokens", type=int, default=64, help="greedy answer length per prompt")
+    parser.add_argument("--calibration-tokens", type=int, default=64, help="answer length per calibration prompt")
     parser.add_argument("--calibration-stride", type=int, default=2, help="draft at every N-th answer position")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per cost point (median)")
     parser.add_argument("--temperature", type=float, default=0.0, help="tune for sampling at this temperature (0: greedy)")

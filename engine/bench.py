@@ -36,6 +36,7 @@ In fp32 the bound is float rounding, so outputs must be identical.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -320,7 +321,10 @@ class Checkpoint:
         if not self.path.is_file():
             return {}
         lines = self.path.read_text(encoding="utf-8").splitlines()
-        saved = json.loads(lines[0]).get("settings") if lines else None
+        try:
+            saved = json.loads(lines[0])["settings"]
+        except (IndexError, json.JSONDecodeError, KeyError, TypeError):  # killed before its first line was written
+            return {}
         if saved != self.settings:
             changed = sorted(k for k in set(saved or {}) | set(self.settings) if (saved or {}).get(k) != self.settings.get(k))
             raise SystemExit(
@@ -610,8 +614,11 @@ def engine_from_args(args: argparse.Namespace, need_head: bool) -> tuple[Engine,
 
 def run_settings(args, questions: list[dict], names: list[str], head_path, engine: Engine, settings: BenchSettings) -> dict:
     """Everything that changes an answer or its timing: what `--resume` must find unchanged."""
+    hw = hardware_info(engine.device)
     return {
         "question_ids": [q["question_id"] for q in questions],
+        "questions_sha256": hashlib.sha256(json.dumps([q["turns"] for q in questions]).encode()).hexdigest(),
+        "hardware": {k: hw[k] for k in ("cpu", "gpu", "torch", "transformers")},
         "methods": names,
         "model": args.model,
         "head": head_path,

@@ -24,12 +24,12 @@ from engine.config import SamplingConfig
 from engine.tree import Tree
 
 
-def tree_attention_mask(tree: Tree, past_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """(1, 1, n, past_len + n) additive mask: 0 where a node may attend, dtype-min elsewhere."""
-    n = tree.size
-    allowed = torch.cat(
-        [torch.ones(n, past_len, dtype=torch.bool, device=tree.tokens.device), tree.ancestors], dim=1
-    )  # (n, past + n)
+def tree_attention_mask(tree: Tree, past_len: int, dtype: torch.dtype, visible: int | None = None) -> torch.Tensor:
+    """(1, 1, n, past_len + n) additive mask: 0 where a node may attend, dtype-min elsewhere. Nodes see
+    the first `visible` cached entries (default: all `past_len`) and their own ancestors."""
+    n, device = tree.size, tree.tokens.device
+    seen = (torch.arange(past_len, device=device) < (past_len if visible is None else visible)).expand(n, past_len)
+    allowed = torch.cat([seen, tree.ancestors], dim=1)  # (n, past + n)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
@@ -54,32 +54,45 @@ def target_forward(model, tokens, positions, mask, cache, logits: bool = True):
     return features, (model.lm_head(features).float() if logits else None)  # (n, V)
 
 
-NUCLEUS_PROBE = 512  # top-p looks for its nucleus among this many top tokens before sorting the vocabulary
+NUCLEUS_PROBE = 512  # on CPU, top-p looks for its nucleus among this many top tokens before sorting them all
+
+
+def _nucleus(logits: torch.Tensor, top_p: float, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-p among each row's `width` most likely tokens: (probs (n, C), ids (n, C), spill ()), spill
+    True when some row's nucleus may reach past them (then call again with the whole vocabulary).
+
+    A row keeps the smallest prefix of its sorted distribution whose mass reaches top_p, plus every token
+    tied with the last one kept, so the nucleus never depends on how a sort orders equal values."""
+    lse = logits.logsumexp(dim=-1, keepdim=True)  # (n, 1)
+    if width < logits.shape[-1]:
+        values, ids = logits.topk(width, dim=-1)  # (n, C) descending
+    else:
+        values, ids = logits.sort(dim=-1, descending=True)
+    probs = (values - lse).exp()  # (n, C)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly above each candidate
+    smallest = probs.masked_fill(before >= top_p, float("inf")).amin(dim=-1, keepdim=True)  # (n, 1) last kept
+    keep = probs >= smallest  # (n, C)
+    return probs.masked_fill(~keep, 0.0), ids, keep[:, -1].any()
 
 
 def _candidates(logits: torch.Tensor, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The processed target distribution over each row's candidate tokens: (probs (n, C), ids (n, C)),
     ids None when every token is a candidate (C = V). Filtered candidates carry probability 0; rows are
-    not renormalised. top-k keeps exactly k tokens (ties broken by `topk`); top-p keeps the smallest
-    prefix of the sorted distribution whose mass reaches top_p. Only a row's top tokens are sorted: the
-    nucleus is searched among NUCLEUS_PROBE of them, and the whole vocabulary is sorted only when it is
-    wider than that."""
-    logits = logits.float() / sampling.temperature
+    not renormalised. Temperature, then top-k (tokens tied with the k-th stay, as in transformers), then
+    top-p (`_nucleus`). On CPU the nucleus is first searched among NUCLEUS_PROBE top tokens, and the
+    vocabulary is sorted only when a row's nucleus may be wider (one host read, free on a CPU); on an
+    accelerator the sort is cheap and a host read is not, so it always sorts."""
+    logits = logits.float() / sampling.temperature  # (n, V)
     vocab = logits.shape[-1]
     if sampling.top_k > 0:
-        values, ids = logits.topk(min(sampling.top_k, vocab), dim=-1)  # sorted, descending
-        probs = torch.softmax(values, dim=-1)
-    elif sampling.top_p < 1.0:
-        values, ids = logits.topk(min(NUCLEUS_PROBE, vocab), dim=-1)
-        probs = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()
-        if ids.shape[-1] < vocab and bool((probs.sum(dim=-1) < sampling.top_p).any()):
-            values, ids = logits.sort(dim=-1, descending=True)
-            probs = torch.softmax(values, dim=-1)
-    else:
+        kth = logits.topk(min(sampling.top_k, vocab), dim=-1).values[..., -1:]  # (n, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p >= 1.0:
         return torch.softmax(logits, dim=-1), None
-    if sampling.top_p < 1.0:
-        before = probs.cumsum(dim=-1) - probs  # mass strictly above each candidate
-        probs = probs.masked_fill(before >= sampling.top_p, 0.0)
+    width = vocab if logits.device.type != "cpu" else min(NUCLEUS_PROBE, vocab)
+    probs, ids, spill = _nucleus(logits, sampling.top_p, width)
+    if width < vocab and bool(spill):
+        probs, ids, _ = _nucleus(logits, sampling.top_p, vocab)
     return probs, ids
 
 
@@ -94,8 +107,9 @@ def processed_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Ten
 def draw_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
     """The target's next token at every node: argmax when greedy, else one sample each. (n,)
 
-    Sampling inverts each row's cumulative distribution at one uniform draw (float64 sums), a single pass
-    over the vocabulary; `torch.multinomial` cost about 1 ms per row of 49k tokens on a CPU core."""
+    Sampling inverts each row's cumulative distribution (float64 sums over its candidates) at one uniform
+    draw: one cumulative sum and a binary search per row, where `torch.multinomial` (and a full sort for
+    top-p) cost a CPU more per tree node than the node's share of the verify forward."""
     if sampling.greedy:
         return logits.argmax(dim=-1)
     probs, ids = _candidates(logits, sampling)
@@ -104,6 +118,7 @@ def draw_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch
     u = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device, generator=generator) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even after rounding
     pick = torch.searchsorted(cdf, u, right=True)  # the first candidate whose cdf exceeds u: its probability > 0
+    pick = pick.clamp_(max=cdf.shape[-1] - 1)  # only a NaN or all-zero row gets here: keep the index in range
     return (pick if ids is None else ids.gather(-1, pick)).squeeze(-1)
 
 

@@ -95,7 +95,7 @@ def reference_accepted(pool, continuation, total, depth):
 def test_accepted_lengths_match_eagle2_selection_and_acceptance(seed):
     engine = tiny_engine("llama", head="oracle")
     engine.head = perturbed(engine.head, 0.6, seed)  # partly right: acceptance varies with the tree
-    answers = autotune.greedy_answers(engine, ["the cat sat on"], 40)
+    answers = autotune.reference_answers(engine, ["the cat sat on"], 40)
     prompt, out = answers[0]
     seq = prompt + out
     features = autotune.target_features(engine, seq[:-1])
@@ -120,7 +120,7 @@ def test_accepted_lengths_match_eagle2_selection_and_acceptance(seed):
 def test_calibration_with_an_oracle_head_accepts_every_depth_of_a_full_pool():
     engine = tiny_engine("llama", head="oracle")
     grid = tree_grid(totals=(4, 6, 10, 14, 20, 36, 52), depths=(2, 3, 4), top_ks=(2, 4))
-    answers = autotune.greedy_answers(engine, ["hello there", "the cat"], 24)
+    answers = autotune.reference_answers(engine, ["hello there", "the cat"], 24)
     acceptance = autotune.calibrate_acceptance(engine, answers, grid)
     assert acceptance.samples == 2 * (24 - 4)  # roots whose next 4 tokens are known
     for tree in grid:
@@ -209,7 +209,7 @@ def test_sampled_reach_is_the_product_of_target_probabilities_along_each_path():
     engine = tiny_engine("llama", head="oracle")
     engine.head = perturbed(engine.head, 0.6, 2)
     sampling = SamplingConfig(temperature=0.8, top_p=0.9)
-    prompt, out = autotune.greedy_answers(engine, ["the cat sat on"], 12, sampling)[0]
+    prompt, out = autotune.reference_answers(engine, ["the cat sat on"], 12, sampling)[0]
     seq = prompt + out
     cache = new_cache(engine.model)
     features = autotune.target_features(engine, seq[:-1], cache)  # the cache holds all of seq[:-1]
@@ -247,3 +247,35 @@ def test_sampled_calibration_and_its_own_cache_entry(tmp_path):
     assert "greedy decoding" in greedy.summary() and "sampling at temperature 1," in sampled.summary()
     for tree in small["grid"]:
         assert 1.0 <= sampled.acceptance.tau(tree) < greedy.acceptance.tau(tree)  # an oracle head: greedy accepts all
+
+
+def test_sampled_tau_is_the_mean_expected_accepted_length_of_the_drafted_trees():
+    """calibrate_acceptance at T > 0 against a slow reference: draft the tree itself at every root and
+    sum, over its nodes, the product of target probabilities along the path (plain causal forwards)."""
+    engine = tiny_engine("llama", head="oracle")
+    engine.head = perturbed(engine.head, 0.8, 5)
+    sampling = SamplingConfig(temperature=1.0)
+    tree_cfg = TreeConfig(4, 2, 2)
+    answers = autotune.reference_answers(engine, ["hello there"], 10, sampling)
+    got = autotune.calibrate_acceptance(engine, answers, [tree_cfg], stride=1, sampling=sampling)
+    prompt, out = answers[0]
+    seq = prompt + out
+    features = autotune.target_features(engine, seq[:-1])
+    tokens = torch.tensor(seq)
+    expected = []
+    with torch.no_grad():
+        for p in range(len(prompt), len(seq) - tree_cfg.depth):
+            drafter = Drafter(engine.head, engine.model.get_input_embeddings(), engine.model.lm_head, len(seq) + 16)
+            tree = drafter.dynamic_tree(tokens[p], drafter.extend(tokens[1 : p + 1], features[:p]), tree_cfg)
+            total = 0.0
+            for path in tree.paths.tolist()[1:]:
+                path = [j for j in path if j >= 0]
+                reach = 1.0
+                for depth, node in enumerate(path[1:], start=1):
+                    context = seq[: p + 1] + [int(tree.tokens[j]) for j in path[1:depth]]
+                    probs = processed_probs(engine.model(torch.tensor([context])).logits[0, -1:].float(), sampling)[0]
+                    reach *= float(probs[int(tree.tokens[node])])
+                total += reach
+            expected.append(total)
+    assert got.samples == len(expected) > 0
+    assert got.tau(tree_cfg) == pytest.approx(1.0 + sum(expected) / len(expected), rel=1e-4)

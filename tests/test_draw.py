@@ -60,12 +60,43 @@ SAMPLINGS = [
 IDS = ["T1", "T0.6-top_k7", "T1-top_p0.8", "T1.3-top_k12-top_p0.5"]
 
 
-@pytest.mark.parametrize("probe", [512, 4], ids=["probe-covers-nucleus", "probe-too-small-falls-back"])
+@pytest.mark.parametrize("probe", [V, 16, 4], ids=["whole-vocabulary", "probe-16", "probe-4"])
 @pytest.mark.parametrize("sampling", SAMPLINGS, ids=IDS)
 def test_processed_probs_match_full_sort_reference(sampling, probe, monkeypatch):
     monkeypatch.setattr(verify, "NUCLEUS_PROBE", probe)
     logits = logits_rows()
-    torch.testing.assert_close(processed_probs(logits, sampling), reference_probs(logits, sampling), atol=1e-6, rtol=1e-5)
+    for rows in (logits, logits[:2], logits[1:2]):  # mixed batches, and peaked rows alone
+        torch.testing.assert_close(processed_probs(rows, sampling), reference_probs(rows, sampling), atol=1e-6, rtol=1e-5)
+
+
+def test_the_nucleus_probe_sorts_everything_only_when_a_row_needs_it(monkeypatch):
+    monkeypatch.setattr(verify, "NUCLEUS_PROBE", 16)
+    real, widths = verify._nucleus, []
+    monkeypatch.setattr(verify, "_nucleus", lambda logits, top_p, width: (widths.append(width), real(logits, top_p, width))[1])
+    sampling = SamplingConfig(temperature=1.0, top_p=0.8)
+    logits = logits_rows()
+    processed_probs(logits[:2], sampling)  # peaked rows: their nuclei fit in 16 tokens
+    assert widths == [16]
+    widths.clear()
+    processed_probs(logits, sampling)  # the flat row's nucleus does not: the whole batch is sorted
+    assert widths == [16, V]
+
+
+def test_ties_at_a_filter_boundary_are_all_kept():
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0, 0.0]])
+    kept = processed_probs(logits, SamplingConfig(temperature=1.0, top_k=2))[0] > 0
+    assert kept.tolist() == [True, True, True, True, False, False]  # the k-th value is shared by three tokens
+    flat_tail = torch.tensor([[0.4, 0.2, 0.2, 0.2]]).log()
+    kept = processed_probs(flat_tail, SamplingConfig(temperature=1.0, top_p=0.5))[0] > 0
+    assert kept.tolist() == [True, True, True, True]  # 0.4 + 0.2 reaches 0.5; the other 0.2s tie with it
+
+
+@pytest.mark.parametrize("u, want", [(0.0, "first"), (1.0 - 2.0**-53, "last")])
+def test_the_extreme_uniform_draws_pick_the_first_and_last_kept_tokens(u, want, monkeypatch):
+    logits = torch.tensor([[-1e4, 1.0, 2.0, 3.0, 2.5, -1e4]])  # tokens 0 and 5 have probability 0
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(*shape, u, dtype=kw.get("dtype")))
+    token = int(draw_tokens(logits, SamplingConfig(temperature=1.0), None))
+    assert token == {"first": 1, "last": 4}[want]
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS, ids=IDS)

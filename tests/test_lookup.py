@@ -90,15 +90,26 @@ def test_greedy_with_lookup_matches_vanilla(head_kind, method, monkeypatch):
         assert copy_cycles > 0
 
 
-def test_lookup_sampling_matches_target():
-    """A copied branch shares nodes with the head's tree; sampled replies must still follow the target."""
+@pytest.mark.parametrize("copy_cycle", [False, True], ids=["grafted-branch", "copy-cycle"])
+def test_lookup_sampling_matches_target(copy_cycle, monkeypatch):
+    """A copied branch shares nodes with the head's tree, and a copy cycle verifies the copied chain alone;
+    sampled replies must still follow the target either way."""
     model = tiny_model("llama", vocab_size=VOCAB, layers=1, seed=11)
     with torch.no_grad():
         model.lm_head.weight.mul_(0.15)
     engine = Engine(model, tiny_tokenizer(VOCAB), perturbed(oracle_head(model), 1.0, seed=1))
+    if copy_cycle:  # start in a copy stretch, so cycle 1 (which draws x2 and x3) is a copy cycle
+        real_prefill = Engine._prefill
+
+        def prefill_then_copy(self, *args):
+            state, ms = real_prefill(self, *args)
+            state.copying = True
+            return state, ms
+
+        monkeypatch.setattr(Engine, "_prefill", prefill_then_copy)
     prompt, sampling, n = repeating_prompt(), SamplingConfig(temperature=1.0), 4000
     counts = torch.zeros(VOCAB + 1, VOCAB + 1)
-    grafted_accepts = 0
+    grafted_accepts, copy_cycles = 0, 0
     for seed in range(n):
         cfg = GenerationConfig(method="eagle2", max_new_tokens=3, sampling=sampling, tree=TreeConfig(6, 2, 3, lookup=3), seed=seed)
         events = list(engine.generate(prompt, cfg))
@@ -107,5 +118,7 @@ def test_lookup_sampling_matches_target():
         for e in events:
             if e["type"] == "cycle" and e["tree"] and e["tree"]["lookup_from"] is not None:
                 grafted_accepts += max(e["accepted"]) >= e["tree"]["lookup_from"]
+                copy_cycles += e["tree"]["lookup_from"] == 1
+    assert (copy_cycles > 0.5 * n) == copy_cycle
     assert grafted_accepts > 0.02 * n, "copied tokens must often be accepted, or the test checks nothing"
     assert gof_pvalue(counts, exact_tail(engine, prompt, sampling)) > P_MIN
