@@ -65,7 +65,6 @@ class DecodeState:
     pending: torch.Tensor  # () last committed token, not yet in the target's cache: the next root
     pairs: tuple[torch.Tensor, torch.Tensor] | None  # (tokens (a,), features (a, H)) to feed the head
     prompt: list[int] = field(default_factory=list)
-    head_fed: bool = False  # this cycle's draft fed `pairs` to the head (a copy cycle leaves them pending)
     copying: bool = False  # the last cycle accepted a long copied run: draft the next one by lookup alone
     output: list[int] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
@@ -204,7 +203,7 @@ class Engine:
     @torch.no_grad()
     def _cycle(self, state: DecodeState, config: GenerationConfig, generator, drafter: Drafter | None, plan: StaticPlan) -> CycleEvent:
         t0 = self.stopwatch.mark()
-        tree, lookup_from = self._draft(state, config, drafter, plan)
+        tree, lookup_from, head_fed = self._draft(state, config, drafter, plan)
         t1 = self.stopwatch.mark()
         positions = state.past_len + tree.depths  # (n,)
         # a lone root attends to everything before it: plain causal decoding needs no mask
@@ -235,9 +234,9 @@ class Engine:
         state.pending = drawn[best]
         if drafter is not None:
             pairs = (torch.cat([tree.tokens[path_t[1:]], drawn[best].view(1)]), features[path_t])
-            if not state.head_fed:  # a copy cycle: the head has not seen the last pairs yet, keep them all
+            if not head_fed:  # a copy cycle: the head has not seen the last pairs yet, keep them all
                 pairs = tuple(torch.cat([old, new]) for old, new in zip(state.pairs, pairs))
-            state.pairs, state.head_fed = pairs, False
+            state.pairs = pairs
             state.copying = lookup_from < n and path[-1] >= lookup_from and accepted - 1 >= COPY_RUN
         state.totals.cycles += 1
         draft_ms, verify_ms = self.stopwatch.ms(t0, t1), self.stopwatch.ms(t1, t2)
@@ -253,17 +252,19 @@ class Engine:
         new_ids = [tokens[j] for j in path[1:]] + [bonus]
         return CycleEvent(state.totals.cycles, new_ids, "", view, path, bonus, draft_ms, verify_ms)
 
-    def _draft(self, state: DecodeState, config: GenerationConfig, drafter: Drafter | None, plan: StaticPlan) -> tuple[Tree, int]:
-        """The tree to verify, and the index of its first prompt-lookup node (its size when none)."""
+    def _draft(
+        self, state: DecodeState, config: GenerationConfig, drafter: Drafter | None, plan: StaticPlan
+    ) -> tuple[Tree, int, bool]:
+        """The tree to verify, the index of its first prompt-lookup node (its size when none), and whether
+        the head was fed the pending pairs (a copy cycle leaves them for the next cycle)."""
         room = self.context_length - state.past_len  # cache slots left, the root included
         if drafter is None:
-            return root_only(state.pending), 1
+            return root_only(state.pending), 1, False
         lookup = config.tree.lookup
         chain = lookup_chain(state.prompt + state.output, 2 * lookup) if lookup and room > 1 else []
         if state.copying and chain:  # inside a copied stretch the head's tree rarely adds: skip it
-            return graft(root_only(state.pending), chain[: room - 1])
+            return *graft(root_only(state.pending), chain[: room - 1]), False
         root_hidden = drafter.extend(*state.pairs)  # commit the pending pairs (keeps the head in step)
-        state.head_fed = True
         if config.method == "eagle2" and room >= 2:
             tree_cfg = config.tree
             if tree_cfg.total_tokens > room - 1:
@@ -272,10 +273,10 @@ class Engine:
         elif config.method == "eagle1" and len(plan.parents) <= room:
             tree = drafter.static_tree(state.pending, root_hidden, plan)
         else:
-            return root_only(state.pending), 1  # near the context limit: one token at a time
+            return root_only(state.pending), 1, True  # near the context limit: one token at a time
         if chain and room > tree.size:
-            return graft(tree, chain[: min(lookup, room - tree.size)])
-        return tree, tree.size
+            return *graft(tree, chain[: min(lookup, room - tree.size)]), True
+        return tree, tree.size, True
 
     # ---- stopping -----------------------------------------------------------------------------
 
