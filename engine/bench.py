@@ -326,7 +326,7 @@ class Checkpoint:
         except (IndexError, json.JSONDecodeError, KeyError, TypeError):  # killed before its first line was written
             return {}
         if saved != self.settings:
-            changed = sorted(k for k in set(saved or {}) | set(self.settings) if (saved or {}).get(k) != self.settings.get(k))
+            changed = sorted(k for k in saved.keys() | self.settings.keys() if saved.get(k) != self.settings.get(k))
             raise SystemExit(
                 f"cannot resume from {self.path}: it was run with other settings ({', '.join(changed)}); "
                 f"run the same command again, or drop --resume to start over"
@@ -590,6 +590,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def quantization_of(args: argparse.Namespace) -> str | None:
+    return "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
+
+
 def engine_from_args(args: argparse.Namespace, need_head: bool) -> tuple[Engine, str | None]:
     """Load the target (and the head when `need_head`); returns (engine, head path or None)."""
     from engine.head import load_head
@@ -597,8 +601,7 @@ def engine_from_args(args: argparse.Namespace, need_head: bool) -> tuple[Engine,
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
-    model, tokenizer = load_target(ModelSpec(args.model, args.dtype, args.device, quantization))
+    model, tokenizer = load_target(ModelSpec(args.model, args.dtype, args.device, quantization_of(args)))
     head, head_path = None, None
     if need_head:
         head_path = Path(args.head) if args.head else default_head_path()
@@ -624,7 +627,7 @@ def run_settings(args, questions: list[dict], names: list[str], head_path, engin
         "head": head_path,
         "dtype": str(engine.dtype).removeprefix("torch."),
         "device": str(engine.device),
-        "quantization": "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None,
+        "quantization": quantization_of(args),
         "threads": torch.get_num_threads(),
         **json.loads(json.dumps(asdict(settings))),  # max_new_tokens, sampling, tree, seed, ...
     }
@@ -697,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         engine, build_methods(engine, names), questions, settings, not args.no_progress, memory, done, checkpoint.record
     )
 
-    dtype = str(engine.dtype).removeprefix("torch.")
+    dtype, quantization = checkpoint.settings["dtype"], checkpoint.settings["quantization"]
     bound = args.margin_bound if args.margin_bound is not None else MARGIN_BOUNDS.get(engine.dtype, 0.5)
     report = {
         "config": {
@@ -711,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             "head": head_path,
             "dtype": dtype,
             "device": str(engine.device),
-            "quantization": "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None,
+            "quantization": quantization,
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature,
             "top_p": args.top_p,
