@@ -23,6 +23,7 @@ import math
 import random
 import sys
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +45,9 @@ class DataConfig:
     batch_size: int = 48
     shard_size: int = 96  # prompts per shard file
     shuffle_seed: int = 0
+    temperatures: str = "0"  # answer every prompt once per temperature, e.g. "0,1" (0: greedy)
+    feature_batch_tokens: int = 8192  # tokens per forward when storing features
+    data_minutes: float = 0.0  # time budget: start no shard that would end past it (0: none)
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,14 @@ class FitConfig:
     weight_decay: float = 0.0
     ce_weight: float = 0.1
     noise: float = 0.1  # uniform noise amplitude on input features (EAGLE: U(-0.1, 0.1))
+    unroll: int = 1  # draft steps trained per position; steps > 1 read the head's own predicted features
     prompt_loss: bool = True  # also learn on prompt positions (see collate)
     grad_clip: float = 0.5
     holdout: float = 0.05
     eval_every: int = 500
     save_every: int = 250
     seed: int = 0
+    fit_minutes: float = 0.0  # stop early after this many minutes, keeping the best checkpoint (0: no limit)
 
 
 # ---- stage 1: data ----------------------------------------------------------------------------
@@ -108,71 +114,96 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     return list(ids if isinstance(ids, list) else ids["input_ids"])
 
 
+def parse_temperatures(text: str) -> list[float]:
+    temps = [float(t) for t in str(text).split(",") if t.strip()]
+    if not temps or any(t < 0 for t in temps) or len(set(temps)) != len(temps):
+        raise ValueError(f"--temperatures wants distinct non-negative numbers such as 0 or 0,1; got {text!r}")
+    return temps
+
+
 @torch.no_grad()
 def generate_data(model, tokenizer, prompts: list[str], run: Path, cfg: DataConfig) -> None:
-    """Answer prompts with the target (greedy, batched) and store ids + features per shard.
+    """Answer prompts with the target (batched; greedy at temperature 0, else sampled) and store ids +
+    features per shard.
 
-    Takes the first `cfg.limit` prompts of a seeded shuffle and skips those already answered in the
-    run's shards, so rerunning resumes, and a rerun with another prompt selection (a larger limit,
-    other sources) adds to the same run without answering anything twice."""
+    Takes the first `cfg.limit` prompts of a seeded shuffle and answers each once per temperature,
+    skipping (prompt, temperature) pairs already in the run's shards, so rerunning resumes, and a rerun
+    with another prompt selection (a larger limit, other sources, another temperature) adds to the same
+    run without answering anything twice. Sampled answers widen the contexts the head sees to those of
+    sampled decoding; the training targets stay the target's own distributions either way."""
     data_dir = run / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    answered = answered_prompts(data_dir)
+    temps = parse_temperatures(cfg.temperatures)
+    answered = answered_prompts(data_dir, with_temperature=True)
     rng = random.Random(cfg.shuffle_seed)
     order = list(range(len(prompts)))
     rng.shuffle(order)
-    selected, encoded = 0, []
+    selected, jobs = 0, []
     for i in order:
         ids = chat_prompt_ids(tokenizer, prompts[i])
         if len(ids) > cfg.max_prompt_tokens:
             continue
         selected += 1
-        if tuple(ids) not in answered:
-            answered.add(tuple(ids))  # the prompt file may repeat a prompt
-            encoded.append(ids)
+        for temp in temps:
+            if (tuple(ids), temp) not in answered:
+                answered.add((tuple(ids), temp))  # the prompt file may repeat a prompt
+                jobs.append((ids, temp))
         if selected == cfg.limit:
             break
     first = len(list(data_dir.glob("shard_*.safetensors")))
-    shards = [encoded[i : i + cfg.shard_size] for i in range(0, len(encoded), cfg.shard_size)]
+    shards = [jobs[i : i + cfg.shard_size] for i in range(0, len(jobs), cfg.shard_size)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id
-    bar = tqdm(total=len(encoded), desc=f"answering prompts ({selected - len(encoded)} already answered)", unit="prompt")
+    eos_set = set(eos) if isinstance(eos, list) else {eos}
+    done = selected * len(temps) - len(jobs)
+    bar = tqdm(total=len(jobs), desc=f"answering prompts ({done} answers already stored)", unit="answer")
+    started, slowest = time.time(), 0.0
     for s, shard in enumerate(shards, start=first):
+        elapsed = time.time() - started
+        if cfg.data_minutes and elapsed + slowest > cfg.data_minutes * 60:
+            bar.write(f"data time budget ({cfg.data_minutes} min) reached: stopping after {s - first} new shards")
+            break
         path = data_dir / f"shard_{s:05d}.safetensors"
         records = []
-        for b in range(0, len(shard), cfg.batch_size):
-            batch = sorted(shard[b : b + cfg.batch_size], key=len)
-            width = max(map(len, batch))
-            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=model.device)
-            attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=model.device)
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=eos,
-            )
-            for x, row in zip(batch, out[:, width:].tolist()):
-                answer = []
-                for t in row:
-                    answer.append(t)
-                    if t == eos or (isinstance(eos, list) and t in eos):
-                        break
-                records.append((x, answer))
-            bar.update(len(batch))
-        save_file(shard_tensors(model, records), str(path.with_suffix(".tmp")))
+        for temp in temps:
+            part = sorted((ids for ids, t in shard if t == temp), key=len)
+            for b in range(0, len(part), cfg.batch_size):
+                batch = part[b : b + cfg.batch_size]
+                width = max(map(len, batch))
+                input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=model.device)
+                attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=model.device)
+                sampling = dict(do_sample=True, temperature=temp, top_k=0, top_p=1.0) if temp > 0 else dict(do_sample=False)
+                torch.manual_seed(cfg.shuffle_seed * 100_003 + s * 1_009 + b)  # reproducible sampled answers
+                out = model.generate(
+                    input_ids=input_ids, attention_mask=attention, max_new_tokens=cfg.max_new_tokens,
+                    pad_token_id=pad, eos_token_id=eos, **sampling,
+                )
+                for x, row in zip(batch, out[:, width:].tolist()):
+                    answer = []
+                    for t in row:
+                        answer.append(t)
+                        if t in eos_set:
+                            break
+                    records.append((x, answer, temp))
+                bar.update(len(batch))
+        tensors = shard_tensors(model, [(x, a) for x, a, _ in records], cfg.feature_batch_tokens)
+        tensors["temperature"] = torch.tensor([t for _, _, t in records], dtype=torch.float64)
+        save_file(tensors, str(path.with_suffix(".tmp")))
         path.with_suffix(".tmp").rename(path)
+        slowest = max(slowest, time.time() - started - elapsed)
     bar.close()
 
 
-def answered_prompts(data_dir: Path) -> set[tuple[int, ...]]:
-    """Prompt ids (chat template applied) of every sequence stored in the run's shards."""
+def answered_prompts(data_dir: Path, with_temperature: bool = False) -> set:
+    """Prompt ids (chat template applied) of every sequence stored in the run's shards; with
+    `with_temperature`, (prompt ids, temperature) pairs (shards from before temperatures: 0)."""
     done = set()
     for path in data_dir.glob("shard_*.safetensors"):
         with safe_open(str(path), framework="pt") as f:
             ids, off, starts = f.get_tensor("input_ids").tolist(), f.get_tensor("offsets").tolist(), f.get_tensor("answer_start").tolist()
-        done.update(tuple(ids[a : a + n]) for a, n in zip(off, starts))
+            temps = f.get_tensor("temperature").tolist() if "temperature" in f.keys() else [0.0] * len(starts)
+        prompts = (tuple(ids[a : a + n]) for a, n in zip(off, starts))
+        done.update(zip(prompts, temps) if with_temperature else prompts)
     return done
 
 
@@ -267,24 +298,78 @@ def collate(group: list[dict], device, prompt_loss: bool = True) -> dict[str, to
     return {k: v.to(device) for k, v in dict(tokens=tokens, feats=feats, target=target, mask=mask).items()}
 
 
+class UnrolledKeys:
+    """Stands in for the head's KV cache while training several draft steps at once (as HASS and
+    EAGLE-3's training-time test do).
+
+    Step s (0-based) feeds every position i the head's own step s-1 prediction for position i, so its
+    query must see what drafting would have in its cache: true-feature keys (step 0) up to position
+    i - s, the root of that chain, then step m's key at position i - s + m for m = 1..s. Keys of all
+    steps are kept; `mask(s)` spells that pattern over their concatenation."""
+
+    def __init__(self, length: int, device):
+        self.t, self.device = length, device
+        self.keys, self.values = [], []
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys.append(k)
+        self.values.append(v)
+        return torch.cat(self.keys, dim=2), torch.cat(self.values, dim=2)
+
+    def mask(self, step: int) -> torch.Tensor:  # bool (1, 1, t, (step + 1) * t)
+        i = torch.arange(self.t, device=self.device)[:, None]
+        j = torch.arange(self.t, device=self.device)[None, :]
+        blocks = [j <= i - step] + [j == i - step + m for m in range(1, step + 1)]
+        return torch.cat(blocks, dim=1)[None, None]
+
+
+def unrolled_predictions(head: DraftHead, embeds: torch.Tensor, feats: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """The head's predicted next features for `steps` draft steps, each (b, t, H).
+
+    Step 0 reads the true features (teacher forcing). Step s >= 1 at position i reads the step s-1
+    prediction for position i, which drafting would feed it at depth s below a root at i - s; it is
+    only meaningful for i >= s."""
+    b, t, _ = feats.shape
+    positions = torch.arange(t, device=feats.device).expand(b, t)
+    keys = UnrolledKeys(t, feats.device)
+    preds = []
+    for step in range(steps):
+        pred = head(embeds, feats, positions, keys.mask(step), keys)
+        preds.append(pred)
+        feats = torch.cat([torch.zeros_like(pred[:, :1]), pred[:, :-1]], dim=1)
+    return preds
+
+
 def eagle_loss(head: DraftHead, embed, lm_weight, batch, cfg: FitConfig, noise: bool) -> tuple[torch.Tensor, dict]:
-    """lm_weight (V or Vd, H): the target's lm_head rows the draft will score (its draft vocabulary)."""
+    """lm_weight (V or Vd, H): the target's lm_head rows the draft will score (its draft vocabulary).
+
+    With cfg.unroll > 1 the loss is the mean over draft steps; stats report step 1's numbers under
+    the plain names (reg, ce, acc) and step s's accuracy as acc_s."""
     feats = batch["feats"].float()
     if noise:
         feats = feats + (torch.rand_like(feats) * 2 - 1) * cfg.noise
-    b, t = batch["tokens"].shape
-    positions = torch.arange(t, device=feats.device).expand(b, t)
-    causal = torch.ones(t, t, dtype=torch.bool, device=feats.device).tril()[None, None]
-    pred = head(embed(batch["tokens"]).float(), feats, positions, causal)  # (b, t, H)
+    preds = unrolled_predictions(head, embed(batch["tokens"]).float(), feats, max(cfg.unroll, 1))
     m = batch["mask"]
-    pred_m, target_m = pred[m], batch["target"][m].float()  # (k, H)
-    reg = F.smooth_l1_loss(pred_m, target_m)
+    target_m = batch["target"][m].float()  # (k, H)
     with torch.no_grad():
         target_p = torch.softmax(F.linear(target_m.to(lm_weight.dtype), lm_weight).float(), dim=-1)  # (k, V)
-    logp = F.log_softmax(F.linear(pred_m.to(lm_weight.dtype), lm_weight).float(), dim=-1)  # (k, V)
-    ce = -(target_p * logp).sum(-1).mean()
-    acc = (logp.argmax(-1) == target_p.argmax(-1)).float().mean()
-    return reg + cfg.ce_weight * ce, {"reg": reg.item(), "ce": ce.item(), "acc": acc.item()}
+    position = torch.arange(m.shape[1], device=m.device).expand_as(m)[m]  # (k,)
+    total, stats = 0.0, {}
+    for step, pred in enumerate(preds):
+        rows = position >= step
+        if not rows.any():
+            continue
+        pred_m, tgt, tp = pred[m][rows], target_m[rows], target_p[rows]
+        reg = F.smooth_l1_loss(pred_m, tgt)
+        logp = F.log_softmax(F.linear(pred_m.to(lm_weight.dtype), lm_weight).float(), dim=-1)  # (k, V)
+        ce = -(tp * logp).sum(-1).mean()
+        acc = (logp.argmax(-1) == tp.argmax(-1)).float().mean()
+        total = total + (reg + cfg.ce_weight * ce) / len(preds)
+        if step == 0:
+            stats.update(reg=reg.item(), ce=ce.item(), acc=acc.item())
+        else:
+            stats[f"acc_{step + 1}"] = acc.item()
+    return total, stats
 
 
 def lr_at(step: int, cfg: FitConfig) -> float:
@@ -326,7 +411,28 @@ def fit(model, seqs: list[dict], run: Path, cfg: FitConfig, log=print, vocab: to
         next(stream)
     bar = tqdm(total=cfg.steps, initial=step, desc="training head", unit="step")
     start = time.time()
+
+    def record_eval(at: int, extra: dict) -> None:
+        ev = evaluate_loss(head, embed, lm_weight, held, cfg)
+        history.append({"step": at, **extra, **ev, "elapsed_s": time.time() - start})
+        log(json.dumps(history[-1]))
+        with open(run / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(history[-1]) + "\n")
+        if ev and ev["heldout_score"] >= max(h.get("heldout_score", 0.0) for h in history):
+            torch.save(head.state_dict(), run / "best.pt")
+
+    def save_checkpoint() -> None:
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "history": json.dumps(history)}, tmp)
+        tmp.rename(ckpt)
+
     while step < cfg.steps:
+        if cfg.fit_minutes and time.time() - start > cfg.fit_minutes * 60:
+            log(f"training time limit ({cfg.fit_minutes} min) reached at step {step} of {cfg.steps}; stopping early")
+            if not history or history[-1]["step"] != step:
+                record_eval(step, {"stopped_early": True})
+            save_checkpoint()
+            break
         batch = collate(next(stream), device, cfg.prompt_loss)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
@@ -339,17 +445,9 @@ def fit(model, seqs: list[dict], run: Path, cfg: FitConfig, log=print, vocab: to
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['acc']:.2f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            ev = evaluate_loss(head, embed, lm_weight, held, cfg)
-            history.append({"step": step, "train_loss": loss.item(), **{f"train_{k}": v for k, v in stats.items()}, **ev, "elapsed_s": time.time() - start})
-            log(json.dumps(history[-1]))
-            with open(run / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(history[-1]) + "\n")
-            if ev and ev["heldout_acc"] >= max(h.get("heldout_acc", 0.0) for h in history):
-                torch.save(head.state_dict(), run / "best.pt")
+            record_eval(step, {"train_loss": loss.item(), **{f"train_{k}": v for k, v in stats.items()}})
         if step % cfg.save_every == 0 or step == cfg.steps:
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "history": json.dumps(history)}, tmp)
-            tmp.rename(ckpt)
+            save_checkpoint()
     bar.close()
     if (run / "best.pt").exists():  # the held-out best, not merely the last step
         head.load_state_dict(torch.load(run / "best.pt", map_location="cpu", weights_only=True))
@@ -360,17 +458,23 @@ def fit(model, seqs: list[dict], run: Path, cfg: FitConfig, log=print, vocab: to
 
 @torch.no_grad()
 def evaluate_loss(head, embed, lm_weight, held: list[dict], cfg: FitConfig) -> dict:
+    """Held-out stats, token-weighted, in batches of about cfg.batch_tokens; `heldout_score` (the
+    mean accuracy over the trained draft steps) picks the best checkpoint."""
     if not held:
         return {}
     head.eval()
-    totals = {"reg": 0.0, "ce": 0.0, "acc": 0.0}
-    for s in held:
-        batch = collate([s], lm_weight.device)
+    sums, weight = defaultdict(float), 0
+    for group in pack(sorted(range(len(held)), key=lambda i: len(held[i]["ids"])), [len(s["ids"]) for s in held], cfg.batch_tokens):
+        batch = collate([held[i] for i in group], lm_weight.device, cfg.prompt_loss)
         _, stats = eagle_loss(head, embed, lm_weight, batch, cfg, noise=False)
-        for k in totals:
-            totals[k] += stats[k] / len(held)
+        n = int(batch["mask"].sum())
+        for k, v in stats.items():
+            sums[k] += v * n
+        weight += n
     head.train()
-    return {f"heldout_{k}": v for k, v in totals.items()}
+    out = {f"heldout_{k}": v / weight for k, v in sums.items()}
+    out["heldout_score"] = sum(v for k, v in out.items() if k.startswith("heldout_acc")) / max(cfg.unroll, 1)
+    return out
 
 
 def draft_vocabulary(seqs: list[dict], size: int, vocab_size: int, always: set[int]) -> tuple[torch.Tensor, float]:
@@ -449,13 +553,18 @@ def main(argv=None) -> None:
     head = fit(model, seqs, args.run, fit_cfg, log=lambda m: print(m, file=sys.stderr), vocab=vocab)
     head.draft_vocab = vocab
     if args.export:
-        best = max(head.history, key=lambda h: h.get("heldout_acc", 0.0)) if head.history else {}
+        best = max(head.history, key=lambda h: h.get("heldout_score", 0.0)) if head.history else {}
+        steps_acc = ", ".join(f"step {k.rsplit('_', 1)[1]} {v:.3f}" for k, v in best.items() if k.startswith("heldout_acc_"))
         card = {
             "target": Path(getattr(model.config, "_name_or_path", "") or model.config.model_type).name,
-            "data": f"{len(seqs)} self-distilled answers ({n_tokens} tokens) to prompts from {Path(args.prompts).name}",
-            "steps": fit_cfg.steps,
+            "data": f"{len(seqs)} self-distilled answers ({n_tokens} tokens) to prompts from {Path(args.prompts).name}"
+            + f" (temperatures {data_cfg.temperatures})",
+            "steps": fit_cfg.steps if not head.history or head.history[-1]["step"] >= fit_cfg.steps
+            else f"{head.history[-1]['step']} of {fit_cfg.steps} (stopped by --fit-minutes {fit_cfg.fit_minutes})",
             "batch tokens": fit_cfg.batch_tokens,
-            "held-out next-token accuracy (best checkpoint)": f"{best.get('heldout_acc', float('nan')):.3f} at step {best.get('step')}",
+            "held-out next-token accuracy (best checkpoint)": f"{best.get('heldout_acc', float('nan')):.3f} at step {best.get('step')}"
+            + (f" (draft steps fed the head's own features: {steps_acc})" if steps_acc else ""),
+            "training draft steps (unroll)": fit_cfg.unroll,
             "draft vocabulary": f"{len(head.draft_vocab)} tokens ({coverage:.1%} of answer tokens)" if head.draft_vocab is not None else "full",
             "wall time (this run, all stages)": f"{(time.time() - started) / 60:.1f} min",
             "hardware": f"{torch.get_num_threads()} CPU threads" if model.device.type == "cpu" else str(model.device),

@@ -7,7 +7,7 @@ import torch
 
 from engine.config import GenerationConfig, TreeConfig
 from engine.decode import Engine
-from engine.head import load_head
+from engine.head import DraftHead, head_config_for, load_head
 from engine.train import (
     DataConfig,
     FitConfig,
@@ -19,6 +19,7 @@ from engine.train import (
     load_sequences,
     read_prompts,
     shard_tensors,
+    unrolled_predictions,
 )
 from engine.verify import base_model
 from tests.tiny import tiny_model, tiny_tokenizer
@@ -118,3 +119,82 @@ def test_shard_features_batched_equal_one_sequence_at_a_time():
         assert t["input_ids"][off[i] : off[i + 1]].tolist() == prompt + answer
         assert t["answer_start"][i] == len(prompt)
         torch.testing.assert_close(t["features"][off[i] : off[i + 1]].float(), alone.to(torch.bfloat16).float())
+
+
+def test_unrolled_steps_match_drafting_with_own_features():
+    """Training step s at position i must compute what drafting computes at depth s below a root at
+    i - s: true-feature cache up to the root, then the head's own predicted features."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", layers=1, seed=3).float()
+    head = DraftHead(head_config_for(model)).float().eval()
+    b, t, h = 2, 9, model.config.hidden_size
+    embeds, feats = torch.randn(b, t, h), torch.randn(b, t, h)
+    with torch.no_grad():
+        preds = unrolled_predictions(head, embeds, feats, steps=3)
+        for row in range(b):
+            for root in range(t - 2):
+                cache = head.new_cache(32)
+                out = head(embeds[row : row + 1, : root + 1], feats[row : row + 1, : root + 1], torch.arange(root + 1)[None], None, cache)
+                torch.testing.assert_close(preds[0][row, root], out[0, -1])
+                feature = out[:, -1:]
+                for step in (1, 2):
+                    pos = root + step
+                    if pos >= t:
+                        break
+                    feature = head(embeds[row : row + 1, pos : pos + 1], feature, torch.tensor([[pos]]), None, cache)
+                    torch.testing.assert_close(preds[step][row, pos], feature[0, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_unrolled_training_reports_each_step_and_stops_on_time(tmp_path):
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model("llama", layers=2, seed=4), tiny_tokenizer()
+    prompts = [f"tell me about {w} {c}" for c in "abcd" for w in ("cats", "rain", "maps")]
+    run = tmp_path / "run"
+    generate_data(model, tokenizer, prompts, run, DataConfig(limit=12, max_new_tokens=16, batch_size=6, shard_size=12))
+    seqs = load_sequences(run)
+    cfg = FitConfig(steps=60, batch_tokens=256, lr=3e-3, warmup=5, eval_every=20, save_every=20, holdout=0.25, unroll=3)
+    head = fit(model, seqs, run, cfg, log=lambda m: None)
+    last = head.history[-1]
+    assert {"heldout_acc", "heldout_acc_2", "heldout_acc_3"} <= last.keys()
+    assert last["heldout_score"] == pytest.approx((last["heldout_acc"] + last["heldout_acc_2"] + last["heldout_acc_3"]) / 3)
+    first = head.history[0]
+    assert last["heldout_reg"] < first["heldout_reg"]
+
+    # a time limit stops early with an evaluation and a checkpoint; a rerun without it resumes there
+    run2 = tmp_path / "run2"
+    run2.mkdir()
+    limited = fit(model, seqs, run2, FitConfig(**{**cfg.__dict__, "fit_minutes": 1e-9}), log=lambda m: None)
+    assert limited.history[-1]["stopped_early"] and limited.history[-1]["step"] < cfg.steps
+    assert (run2 / "best.pt").exists()
+    resumed = fit(model, seqs, run2, cfg, log=lambda m: None)
+    assert resumed.history[-1]["step"] == cfg.steps
+
+
+def test_data_answers_each_prompt_once_per_temperature(tmp_path):
+    model, tokenizer = tiny_model("llama", layers=1, seed=2), tiny_tokenizer()
+    run = tmp_path / "run"
+    prompts = [f"some prompt {c}" for c in "abcdef"]
+    generate_data(model, tokenizer, prompts, run, DataConfig(limit=6, max_new_tokens=12, batch_size=4, shard_size=4))
+    assert len(answered_prompts(run / "data")) == 6
+    cfg = DataConfig(limit=6, max_new_tokens=12, batch_size=4, shard_size=4, temperatures="0,1")
+    generate_data(model, tokenizer, prompts, run, cfg)  # adds only the sampled answers
+    pairs = answered_prompts(run / "data", with_temperature=True)
+    assert len(pairs) == 12 and {t for _, t in pairs} == {0.0, 1.0}
+    seqs = load_sequences(run)
+    assert len(seqs) == 12
+    by_prompt = {}
+    for s in seqs:
+        by_prompt.setdefault(tuple(s["ids"][: s["answer_start"]].tolist()), []).append(s["ids"][s["answer_start"] :].tolist())
+    assert all(len(v) == 2 for v in by_prompt.values())
+    assert any(a != b for a, b in by_prompt.values())  # sampling at T=1 on a random model departs from greedy
+    generate_data(model, tokenizer, prompts, run, cfg)  # nothing left to answer
+    assert len(load_sequences(run)) == 12
+    with pytest.raises(ValueError, match="temperatures"):
+        generate_data(model, tokenizer, prompts, run, DataConfig(temperatures="0,-1"))
+
+
+def test_data_time_budget_starts_no_shard_past_it(tmp_path):
+    model, tokenizer = tiny_model("llama", layers=1, seed=2), tiny_tokenizer()
+    run = tmp_path / "run"
+    generate_data(model, tokenizer, [f"p {c}" for c in "abcd"], run, DataConfig(limit=4, max_new_tokens=4, batch_size=2, shard_size=2, data_minutes=1e-9))
+    assert not list((run / "data").glob("shard_*.safetensors"))
