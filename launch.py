@@ -13,6 +13,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from engine.config import TreeConfig
+
 DESCRIPTION = """\
 Chat with a language model made faster by EAGLE-2 speculative decoding, and watch how: a small draft
 head proposes a tree of candidate tokens, the model verifies the whole tree in one forward pass, and the
@@ -48,6 +50,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "or three numbers, e.g. 40,5,8.",
     )
     m.add_argument(
+        "--sampling-tree",
+        default="auto",
+        metavar="auto|same|TOTAL,DEPTH,TOPK",
+        help="the draft tree the app switches to when the temperature is above 0 (sampling accepts fewer "
+        "drafts, so a smaller tree pays). auto (default): with --tree auto, tuned on this machine for "
+        "sampling at temperature 1 (about two minutes the first time, then cached), else the --tree "
+        "settings; same: always the --tree settings; or three numbers.",
+    )
+    m.add_argument(
         "--lookup", type=int, default=10, metavar="N",
         help="add a prompt-lookup branch of up to N tokens copied from the conversation to every draft tree "
         "(still lossless; helps replies that quote their input). Default: 10; 0 turns it off.",
@@ -79,6 +90,19 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     if not sep or not user or not password:
         raise ValueError("--auth must look like user:password (both parts non-empty)")
     return user, password
+
+
+def parse_tree_arg(value: str, flag: str, words: tuple[str, ...]) -> "str | TreeConfig":
+    """One of `words`, or TOTAL,DEPTH,TOPK as a validated TreeConfig; ValueError names the flag."""
+    if value in words:
+        return value
+    try:
+        total, depth, top_k = (int(x) for x in value.split(","))
+        tree = TreeConfig(total, depth, top_k)
+        tree.validate()
+    except ValueError as err:
+        raise ValueError(f"{flag} {value!r} is not {', '.join(words)} or TOTAL,DEPTH,TOPK ({err})") from None
+    return tree
 
 
 def step(message: str) -> float:
@@ -113,11 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not 0 <= args.lookup <= 64:
         return fail(f"--lookup must be between 0 (off) and 64 tokens, got {args.lookup}")
+    try:
+        tree_arg = parse_tree_arg(args.tree, "--tree", ("auto", "paper"))
+        sampling_tree_arg = parse_tree_arg(args.sampling_tree, "--sampling-tree", ("auto", "same"))
+    except ValueError as err:
+        return fail(str(err))
 
     t = step("Loading libraries (torch, transformers, gradio)")
     from app import AppOptions, build_ui, load_examples
     from app.ui import CSS_PATH
-    from engine.config import TreeConfig
     from engine.decode import Engine
     from engine.head import load_head
     from engine.models import ModelSpec, default_head_path, load_target
@@ -154,30 +182,40 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(model, tokenizer, head)
     print(f"• Engine ready: {engine.describe()}", flush=True)
     tree, tree_note = TreeConfig(), "EAGLE-2 paper defaults (60 tokens, depth 6, top-k 10)"
-    if head is not None and args.tree == "auto":
-        t = step("Auto-tuning the draft tree for this machine (cached after the first run)")
+    sampling_tree, sampling_note = None, ""
+    if isinstance(tree_arg, TreeConfig):
+        tree, tree_note = tree_arg, "set by --tree"
+    elif head is not None and tree_arg == "auto":
         from engine.autotune import load_or_tune_result
+        from engine.config import SamplingConfig
 
+        t = step("Auto-tuning the draft tree for this machine (cached after the first run)")
         tuned = load_or_tune_result(engine, progress=True)
         tree, tree_note = tuned.tree, tuned.summary()
         done(t)
         print(f"• {tree_note}", flush=True)
-    elif args.tree not in ("auto", "paper"):
-        try:
-            total, depth, top_k = (int(x) for x in args.tree.split(","))
-            tree = TreeConfig(total, depth, top_k)
-            tree.validate()
-        except ValueError as err:
-            return fail(f"--tree {args.tree!r} is not auto, paper or TOTAL,DEPTH,TOPK ({err})")
-        tree_note = "set by --tree"
+        if sampling_tree_arg == "auto":
+            t = step("Auto-tuning the draft tree for sampling at temperature 1 (cached after the first run)")
+            tuned = load_or_tune_result(engine, progress=True, sampling=SamplingConfig(temperature=1.0))
+            sampling_tree, sampling_note = tuned.tree, tuned.summary()
+            done(t)
+            print(f"• {sampling_note}", flush=True)
+    if isinstance(sampling_tree_arg, TreeConfig):
+        sampling_tree, sampling_note = sampling_tree_arg, "set by --sampling-tree"
     if args.lookup:
         tree = replace(tree, lookup=args.lookup)
         tree_note += f"; prompt-lookup branch of {args.lookup} tokens (--lookup)"
+        if sampling_tree is not None:
+            sampling_tree = replace(sampling_tree, lookup=args.lookup)
     try:
         examples = load_examples()
     except ValueError as err:
         return fail(str(err))
-    demo = build_ui(engine, AppOptions(examples=examples, max_new_tokens=args.max_new_tokens, tree=tree, tree_note=tree_note))
+    options = AppOptions(
+        examples=examples, max_new_tokens=args.max_new_tokens, tree=tree, tree_note=tree_note,
+        sampling_tree=sampling_tree, sampling_tree_note=sampling_note,
+    )
+    demo = build_ui(engine, options)
 
     t = step(f"Starting the web UI on {args.host}:{args.port}")
     try:

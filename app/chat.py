@@ -133,6 +133,25 @@ def make_config(
     return config
 
 
+def tree_for_temperature(
+    temperature, total, depth, top_k, greedy: TreeConfig, sampling: TreeConfig | None
+) -> tuple[int, int, int]:
+    """The tree sliders (total, depth, top-k) after a temperature change: the sampling tree when sampling
+    starts, the greedy tree when it stops, but only while the sliders still hold the other default:
+    a tree the user set stays."""
+    current = (int(total), int(depth), int(top_k))
+    if sampling is None:
+        return current
+    greedy_values = (greedy.total_tokens, greedy.depth, greedy.top_k)
+    sampling_values = (sampling.total_tokens, sampling.depth, sampling.top_k)
+    sampled = float(temperature) > 0
+    if sampled and current == greedy_values:
+        return sampling_values
+    if not sampled and current == sampling_values:
+        return greedy_values
+    return current
+
+
 def check_message(message, context_length: int) -> str:
     """The message to send, or ValueError for an empty or absurdly long one."""
     if not isinstance(message, str) or not message.strip():

@@ -31,6 +31,7 @@ from app.chat import (
     make_config,
     session_history,
     stream_reply,
+    tree_for_temperature,
 )
 from app.compare import MEASURED_NOTE, WARMUP_TOKENS, measure, pane, replay_times, summary
 from app.stats import method_label, stats_line
@@ -63,6 +64,8 @@ class AppOptions:
     poll_s: float = 0.08  # how often streaming updates reach the browser
     tree: TreeConfig = TreeConfig()  # default tree settings (auto-tuned by launch.py)
     tree_note: str = "EAGLE-2 paper defaults"  # where the default tree came from, shown in the sidebar
+    sampling_tree: TreeConfig | None = None  # the tree for temperature > 0 (None: the same as `tree`)
+    sampling_tree_note: str = ""
 
 
 def load_examples(path: str | Path = EXAMPLES_PATH) -> tuple[str, ...]:
@@ -268,7 +271,7 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
         """
         try:
             message = check_message(message, engine.context_length)
-            tree = options.tree
+            tree = options.tree if not temperature or options.sampling_tree is None else options.sampling_tree
             config = make_config(
                 method, max_new_tokens, temperature, top_p, top_k, tree.total_tokens, tree.depth, tree.top_k,
                 lookup=tree.lookup,
@@ -302,7 +305,13 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
             top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k", info="0 = off")
             seed = gr.Number(-1, precision=0, label="Seed", info="-1 = random (used when temperature > 0)")
             with gr.Accordion("Draft tree", open=True):
-                gr.Markdown(f"<small>Defaults: {html.escape(options.tree_note)}</small>", elem_id="tree-note")
+                note = f"Defaults: {options.tree_note}"
+                if options.sampling_tree is not None:
+                    note += (
+                        f". When the temperature is above 0 the sliders switch to {options.sampling_tree_note} "
+                        "(unless you have moved them)"
+                    )
+                gr.Markdown(f"<small>{html.escape(note)}</small>", elem_id="tree-note")
                 t = options.tree
                 total = gr.Slider(1, 128, value=t.total_tokens, step=1, label="Total drafted tokens", info="EAGLE-2 paper: 60")
                 depth = gr.Slider(1, 12, value=t.depth, step=1, label="Depth", info="EAGLE-2 paper: 6")
@@ -385,6 +394,11 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
         stop_btn.click(stop, [session], None, queue=False, **private)
         clear.click(clear_chat, [session], [chatbot, session, tree, stats, notice, cycle], queue=False, **private)
         tint.change(retint, [session, tint], [chatbot, tint_legend], queue=False, **private)
+        if options.sampling_tree is not None:
+            temperature.change(
+                lambda temp, *tree: tree_for_temperature(temp, *tree, options.tree, options.sampling_tree),
+                [temperature, total, depth, tree_k], [total, depth, tree_k], queue=False, **private,
+            )
         cycle.input(lambda s, k: step(s, k, 0), [session, cycle], [tree, cycle], queue=False, **private)
         prev.click(lambda s, k: step(s, k, -1), [session, cycle], [tree, cycle], queue=False, **private)
         nxt.click(lambda s, k: step(s, k, +1), [session, cycle], [tree, cycle], queue=False, **private)

@@ -39,7 +39,7 @@ from engine.verify import base_model
 
 @dataclass(frozen=True)
 class DataConfig:
-    limit: int = 2000  # prompts to answer
+    limit: int = 2000  # prompts to answer (0: answer none, train on the run's shards as they are)
     max_prompt_tokens: int = 256
     max_new_tokens: int = 256
     batch_size: int = 48
@@ -134,6 +134,8 @@ def generate_data(model, tokenizer, prompts: list[str], run: Path, cfg: DataConf
     data_dir = run / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     temps = parse_temperatures(cfg.temperatures)
+    if cfg.limit <= 0:
+        return
     answered = answered_prompts(data_dir, with_temperature=True)
     rng = random.Random(cfg.shuffle_seed)
     order = list(range(len(prompts)))
@@ -379,8 +381,12 @@ def lr_at(step: int, cfg: FitConfig) -> float:
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def fit(model, seqs: list[dict], run: Path, cfg: FitConfig, log=print, vocab: torch.Tensor | None = None) -> DraftHead:
-    """Train a fresh head (or resume run/ckpt.pt); returns the head with the best held-out accuracy.
+def fit(
+    model, seqs: list[dict], run: Path, cfg: FitConfig, log=print, vocab: torch.Tensor | None = None,
+    init: DraftHead | None = None,
+) -> DraftHead:
+    """Train a fresh head, or fine-tune `init` (or resume run/ckpt.pt); returns the head with the best
+    held-out score.
 
     With `vocab` (the draft vocabulary) the cross-entropy runs over those lm_head rows only, as
     drafting will; the full 49k-row softmax would dominate a CPU step."""
@@ -395,6 +401,8 @@ def fit(model, seqs: list[dict], run: Path, cfg: FitConfig, log=print, vocab: to
     for p in model.parameters():
         p.requires_grad_(False)
     head = DraftHead(head_config_for(model)).float()
+    if init is not None:
+        head.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     ckpt = run / "ckpt.pt"
     step, history = 0, []
@@ -477,14 +485,24 @@ def evaluate_loss(head, embed, lm_weight, held: list[dict], cfg: FitConfig) -> d
     return out
 
 
-def draft_vocabulary(seqs: list[dict], size: int, vocab_size: int, always: set[int]) -> tuple[torch.Tensor, float]:
-    """The `size` most frequent answer tokens plus `always` (e.g. EOS), sorted; and their coverage."""
+def answer_token_counts(seqs: list[dict], vocab_size: int) -> torch.Tensor:
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for s in seqs:
         counts += torch.bincount(s["ids"][s["answer_start"] :], minlength=vocab_size)
+    return counts
+
+
+def vocabulary_coverage(counts: torch.Tensor, vocab: torch.Tensor) -> float:
+    """The share of answer tokens a draft vocabulary holds."""
+    return float(counts[vocab].sum() / counts.sum().clamp(min=1))
+
+
+def draft_vocabulary(seqs: list[dict], size: int, vocab_size: int, always: set[int]) -> tuple[torch.Tensor, float]:
+    """The `size` most frequent answer tokens plus `always` (e.g. EOS), sorted; and their coverage."""
+    counts = answer_token_counts(seqs, vocab_size)
     top = counts.topk(min(size, vocab_size)).indices
     vocab = torch.unique(torch.cat([top, torch.tensor(sorted(always), dtype=torch.long)]))  # sorted
-    return vocab, float(counts[vocab].sum() / counts.sum().clamp(min=1))
+    return vocab, vocabulary_coverage(counts, vocab)
 
 
 # ---- stage 3: export --------------------------------------------------------------------------
@@ -525,6 +543,10 @@ def main(argv=None) -> None:
         help="comma-separated prefixes of the jsonl 'source' field to keep, e.g. self-instruct (default: all)",
     )
     p.add_argument("--draft-vocab", type=int, default=8192, help="draft only the N most frequent answer tokens (0: full vocabulary)")
+    p.add_argument(
+        "--init", type=Path, default=None, metavar="HEAD",
+        help="fine-tune this head (official EAGLE layout) instead of training a fresh one; keeps its draft vocabulary",
+    )
     for name, cfg_cls in (("data", DataConfig), ("fit", FitConfig)):
         for k, v in asdict(cfg_cls()).items():
             flag, help_ = f"--{k.replace('_', '-')}", f"{name}: default {v}"
@@ -544,13 +566,21 @@ def main(argv=None) -> None:
     seqs = load_sequences(args.run)
     n_tokens = sum(len(s["ids"]) - s["answer_start"] for s in seqs)
     print(f"{len(seqs)} sequences, {n_tokens} answer tokens", file=sys.stderr)
-    vocab, coverage = None, 1.0
-    if args.draft_vocab:
+    vocab, coverage, init = None, 1.0, None
+    if args.init:
+        from engine.head import load_head
+
+        init = load_head(args.init, model, dtype=torch.float32)
+        if init.draft_vocab is not None:
+            vocab = init.draft_vocab.cpu()
+            coverage = vocabulary_coverage(answer_token_counts(seqs, model.config.vocab_size), vocab)
+            print(f"draft vocabulary of {args.init}: {len(vocab)} tokens cover {coverage:.1%} of answer tokens", file=sys.stderr)
+    elif args.draft_vocab:
         eos = model.generation_config.eos_token_id
         always = {eos} if isinstance(eos, int) else set(eos or [])
         vocab, coverage = draft_vocabulary(seqs, args.draft_vocab, model.config.vocab_size, always)
         print(f"draft vocabulary: {len(vocab)} tokens cover {coverage:.1%} of answer tokens", file=sys.stderr)
-    head = fit(model, seqs, args.run, fit_cfg, log=lambda m: print(m, file=sys.stderr), vocab=vocab)
+    head = fit(model, seqs, args.run, fit_cfg, log=lambda m: print(m, file=sys.stderr), vocab=vocab, init=init)
     head.draft_vocab = vocab
     if args.export:
         best = max(head.history, key=lambda h: h.get("heldout_score", 0.0)) if head.history else {}
@@ -565,6 +595,7 @@ def main(argv=None) -> None:
             "held-out next-token accuracy (best checkpoint)": f"{best.get('heldout_acc', float('nan')):.3f} at step {best.get('step')}"
             + (f" (draft steps fed the head's own features: {steps_acc})" if steps_acc else ""),
             "training draft steps (unroll)": fit_cfg.unroll,
+            **({"fine-tuned from": str(args.init)} if args.init else {}),
             "draft vocabulary": f"{len(head.draft_vocab)} tokens ({coverage:.1%} of answer tokens)" if head.draft_vocab is not None else "full",
             "wall time (this run, all stages)": f"{(time.time() - started) / 60:.1f} min",
             "hardware": f"{torch.get_num_threads()} CPU threads" if model.device.type == "cpu" else str(model.device),

@@ -9,13 +9,16 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from app.chat import ChatSession, Turn, as_text, chatbot_messages, check_message, make_config, trim_notice
+from app.chat import (
+    ChatSession, Turn, as_text, chatbot_messages, check_message, make_config, tree_for_temperature, trim_notice,
+)
 from app.compare import Run, replay_times, summary
 from app.labels import shorten, visible
 from app.pump import pump
 from app.reply import Piece, drafted_count, pieces_from_cycle, render_tinted
 from app.stats import speedup_line, stats_line
 from app.tree_svg import COPIED, layout_rows, render_cycle, render_tree
+from engine.config import TreeConfig
 
 SVG = "{http://www.w3.org/2000/svg}"
 TEXTS = {10: "A", 11: "<", 12: "\n", 13: " ", 14: "&", 15: "x", 20: "end", 0: "<|im_end|>"}
@@ -371,3 +374,13 @@ def test_pump_cancels_the_stream_when_the_consumer_leaves():
     batches.close()  # e.g. the browser went away
     assert cancel.is_set()
     assert len(produced) < 1000
+
+
+def test_tree_sliders_follow_the_temperature_until_the_user_moves_them():
+    greedy, sampling = TreeConfig(8, 4, 4, lookup=10), TreeConfig(4, 2, 4, lookup=10)
+    assert tree_for_temperature(0.7, 8, 4, 4, greedy, sampling) == (4, 2, 4)  # sampling starts
+    assert tree_for_temperature(1.3, 4, 2, 4, greedy, sampling) == (4, 2, 4)  # still sampling
+    assert tree_for_temperature(0.0, 4, 2, 4, greedy, sampling) == (8, 4, 4)  # back to greedy
+    assert tree_for_temperature(0.7, 20, 5, 6, greedy, sampling) == (20, 5, 6)  # a tree the user set stays
+    assert tree_for_temperature(0.0, 20, 5, 6, greedy, sampling) == (20, 5, 6)
+    assert tree_for_temperature(0.7, 8, 4, 4, greedy, None) == (8, 4, 4)  # no sampling tree: no switch

@@ -11,7 +11,7 @@ import launch
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = (
     "--model", "--head", "--no-head", "--load-in-4bit", "--load-in-8bit", "--device", "--dtype", "--host",
-    "--port", "--share", "--auth", "--no-browser", "--max-new-tokens", "--lookup",
+    "--port", "--share", "--auth", "--no-browser", "--max-new-tokens", "--lookup", "--tree", "--sampling-tree",
 )
 
 
@@ -50,3 +50,18 @@ def test_bad_arguments_fail_fast_with_a_message(capsys):
     assert "--port must be between 1 and 65535" in capsys.readouterr().err
     assert launch.main(["--lookup", "65"]) == 2
     assert "--lookup must be between 0 (off) and 64" in capsys.readouterr().err
+    assert launch.main(["--tree", "8,4"]) == 2
+    assert "--tree '8,4' is not auto, paper or TOTAL,DEPTH,TOPK" in capsys.readouterr().err
+    assert launch.main(["--sampling-tree", "4,2,99"]) == 2
+    err = capsys.readouterr().err
+    assert "--sampling-tree '4,2,99'" in err and "top_k must be between 1 and 64" in err
+
+
+def test_tree_arguments():
+    assert launch.parse_tree_arg("auto", "--tree", ("auto", "paper")) == "auto"
+    assert launch.parse_tree_arg("same", "--sampling-tree", ("auto", "same")) == "same"
+    assert launch.parse_tree_arg("4,2,4", "--sampling-tree", ("auto", "same")) == launch.TreeConfig(4, 2, 4)
+    with pytest.raises(ValueError, match="top_k must be between 1 and 64"):
+        launch.parse_tree_arg("4,2,99", "--sampling-tree", ("auto", "same"))
+    with pytest.raises(ValueError, match="--sampling-tree 'paper' is not auto, same"):
+        launch.parse_tree_arg("paper", "--sampling-tree", ("auto", "same"))

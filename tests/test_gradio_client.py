@@ -10,6 +10,7 @@ from gradio_client.exceptions import AppError
 
 from app.chat import build_messages, make_config, stream_reply
 from app.ui import AppOptions, build_ui
+from engine.config import TreeConfig
 from tests.tiny import tiny_engine
 
 
@@ -65,3 +66,24 @@ def test_chat_reports_bad_input(served):
 def test_only_chat_is_public(served):
     _, client = served
     assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/chat"]
+
+
+def test_chat_drafts_with_the_sampling_tree_when_sampling():
+    engine = tiny_engine()
+    greedy, sampling = TreeConfig(12, 4, 4), TreeConfig(5, 2, 3)
+    used, generate = [], engine.generate
+
+    def spy(prompt_ids, config, *args, **kwargs):
+        used.append(config.tree)
+        return generate(prompt_ids, config, *args, **kwargs)
+
+    engine.generate = spy
+    demo = build_ui(engine, AppOptions(poll_s=0.0, tree=greedy, sampling_tree=sampling, sampling_tree_note="a test tree"))
+    demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        client.predict(message="hi", temperature=0.0, max_new_tokens=4, api_name="/chat")
+        client.predict(message="hi", temperature=0.8, max_new_tokens=4, api_name="/chat")
+    finally:
+        demo.close()
+    assert used == [greedy, sampling]

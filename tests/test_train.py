@@ -169,6 +169,16 @@ def test_unrolled_training_reports_each_step_and_stops_on_time(tmp_path):
     resumed = fit(model, seqs, run2, cfg, log=lambda m: None)
     assert resumed.history[-1]["step"] == cfg.steps
 
+    # fine-tuning starts from the given head: at learning rate 0 it comes back unchanged
+    (tmp_path / "run3").mkdir()
+    same = fit(model, seqs, tmp_path / "run3", FitConfig(**{**cfg.__dict__, "steps": 3, "lr": 0.0}), log=lambda m: None, init=head)
+    for (name, a), b in zip(same.state_dict().items(), head.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+    # limit 0 answers nothing: a run can train on the shards it has
+    generate_data(model, tokenizer, [f"new prompt {c}" for c in "xyz"], run, DataConfig(limit=0))
+    assert len(load_sequences(run)) == len(seqs)
+
 
 def test_data_answers_each_prompt_once_per_temperature(tmp_path):
     model, tokenizer = tiny_model("llama", layers=1, seed=2), tiny_tokenizer()
