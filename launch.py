@@ -201,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             done(t)
             print(f"• {sampling_note}", flush=True)
     if isinstance(sampling_tree_arg, TreeConfig):
-        sampling_tree, sampling_note = sampling_tree_arg, "set by --sampling-tree"
+        sampling_tree = sampling_tree_arg
+        sampling_note = (
+            f"{sampling_tree.total_tokens} tokens, depth {sampling_tree.depth}, top-k {sampling_tree.top_k}, set by --sampling-tree"
+        )
     if args.lookup:
         tree = replace(tree, lookup=args.lookup)
         tree_note += f"; prompt-lookup branch of {args.lookup} tokens (--lookup)"

@@ -300,7 +300,7 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
             system_prompt = gr.Textbox(label="System prompt", value=options.system_prompt, lines=3)
             method = gr.Dropdown(choices, value=methods[0], label="Method (chat)", elem_id="method")
             max_new = gr.Slider(1, options.max_new_tokens_limit, value=options.max_new_tokens, step=1, label="Max new tokens")
-            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy: identical text to vanilla")
+            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy: identical text to vanilla", elem_id="temperature")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p")
             top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k", info="0 = off")
             seed = gr.Number(-1, precision=0, label="Seed", info="-1 = random (used when temperature > 0)")
@@ -308,13 +308,13 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
                 note = f"Defaults: {options.tree_note}"
                 if options.sampling_tree is not None:
                     note += (
-                        f". When the temperature is above 0 the sliders switch to {options.sampling_tree_note} "
-                        "(unless you have moved them)"
+                        ". When the temperature is above 0 the sliders switch to the sampling tree "
+                        f"(unless you have moved them): {options.sampling_tree_note}"
                     )
                 gr.Markdown(f"<small>{html.escape(note)}</small>", elem_id="tree-note")
                 t = options.tree
-                total = gr.Slider(1, 128, value=t.total_tokens, step=1, label="Total drafted tokens", info="EAGLE-2 paper: 60")
-                depth = gr.Slider(1, 12, value=t.depth, step=1, label="Depth", info="EAGLE-2 paper: 6")
+                total = gr.Slider(1, 128, value=t.total_tokens, step=1, label="Total drafted tokens", info="EAGLE-2 paper: 60", elem_id="tree-total")
+                depth = gr.Slider(1, 12, value=t.depth, step=1, label="Depth", info="EAGLE-2 paper: 6", elem_id="tree-depth")
                 tree_k = gr.Slider(1, 20, value=t.top_k, step=1, label="Top-k per expansion", info="EAGLE-2 only; paper: 10")
                 lookup = gr.Slider(
                     0, 32, value=t.lookup, step=1, label="Prompt-lookup branch (tokens)", elem_id="lookup",

@@ -2,7 +2,8 @@
 driven by Playwright (Debian's /usr/bin/chromium).
 
 Sends a message and watches the reply stream, checks the draft tree with its highlighted accepted path,
-steps back one cycle, runs compare mode until both panes finish, and saves screenshots under
+steps back one cycle, runs compare mode until both panes finish, moves the temperature and watches
+the tree sliders switch to the sampling tree and back, and saves screenshots under
 test-output/ (git-ignored). The server runs in its own process group and is always killed.
 """
 
@@ -67,7 +68,7 @@ def server(default_model_dir):
     log = OUT / "e2e-server.log"
     with open(log, "w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "launch.py"), "--no-browser", "--port", str(port), "--max-new-tokens", "48", "--tree", "paper"],
+            [sys.executable, str(ROOT / "launch.py"), "--no-browser", "--port", str(port), "--max-new-tokens", "48", "--tree", "paper", "--sampling-tree", "4,2,4"],
             cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
@@ -175,3 +176,24 @@ def test_compare_mode_runs_both_panes_to_the_end(page):
         assert "tokens/s" in page.inner_text(f"{pane} .pane-stats")
         assert page.inner_text(f"{pane} .compare-pane").strip()
     page.screenshot(path=str(OUT / "compare.png"), full_page=True)
+
+
+def slider_value(page, elem_id: str) -> str:
+    return page.input_value(f"#{elem_id} input[type=number]")
+
+
+def set_slider(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(value)
+    box.press("Enter")
+
+
+def test_tree_sliders_switch_to_the_sampling_tree_and_back(page):
+    page.get_by_role("tab", name="Chat").click()
+    assert (slider_value(page, "tree-total"), slider_value(page, "tree-depth")) == ("60", "6")  # --tree paper
+    set_slider(page, "temperature", "0.7")
+    page.wait_for_function("() => document.querySelector('#tree-total input[type=number]').value == '4'", timeout=30_000)
+    assert slider_value(page, "tree-depth") == "2"  # --sampling-tree 4,2,4
+    set_slider(page, "temperature", "0")
+    page.wait_for_function("() => document.querySelector('#tree-total input[type=number]').value == '60'", timeout=30_000)
+    assert slider_value(page, "tree-depth") == "6"
