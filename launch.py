@@ -96,12 +96,15 @@ def parse_tree_arg(value: str, flag: str, words: tuple[str, ...]) -> "str | Tree
     """One of `words`, or TOTAL,DEPTH,TOPK as a validated TreeConfig; ValueError names the flag."""
     if value in words:
         return value
+    expected = f"{flag} {value!r} is not {', '.join(words)} or TOTAL,DEPTH,TOPK"
+    parts = value.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"{expected} (three whole numbers, e.g. 4,2,4)")
+    tree = TreeConfig(*(int(p) for p in parts))
     try:
-        total, depth, top_k = (int(x) for x in value.split(","))
-        tree = TreeConfig(total, depth, top_k)
         tree.validate()
     except ValueError as err:
-        raise ValueError(f"{flag} {value!r} is not {', '.join(words)} or TOTAL,DEPTH,TOPK ({err})") from None
+        raise ValueError(f"{expected} ({err})") from None
     return tree
 
 

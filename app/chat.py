@@ -133,6 +133,11 @@ def make_config(
     return config
 
 
+def samples(temperature) -> bool:
+    """Whether a temperature setting means sampling (above 0) rather than greedy decoding."""
+    return float(temperature) > 0
+
+
 def tree_for_temperature(
     temperature, total, depth, top_k, greedy: TreeConfig, sampling: TreeConfig | None
 ) -> tuple[int, int, int]:
@@ -144,10 +149,9 @@ def tree_for_temperature(
         return current
     greedy_values = (greedy.total_tokens, greedy.depth, greedy.top_k)
     sampling_values = (sampling.total_tokens, sampling.depth, sampling.top_k)
-    sampled = float(temperature) > 0
-    if sampled and current == greedy_values:
+    if samples(temperature) and current == greedy_values:
         return sampling_values
-    if not sampled and current == sampling_values:
+    if not samples(temperature) and current == sampling_values:
         return greedy_values
     return current
 

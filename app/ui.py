@@ -30,6 +30,7 @@ from app.chat import (
     finish_note,
     make_config,
     session_history,
+    samples,
     stream_reply,
     tree_for_temperature,
 )
@@ -81,6 +82,11 @@ def load_examples(path: str | Path = EXAMPLES_PATH) -> tuple[str, ...]:
 
 def available_methods(engine) -> list[str]:
     return ["vanilla"] if engine.head is None else ["eagle2", "eagle1", "vanilla"]
+
+
+def slider_max(trees: list[TreeConfig], field: str, usual: int) -> int:
+    """A tree slider's maximum: `usual`, or more when a default tree needs it (so switching trees fits)."""
+    return max([usual] + [getattr(t, field) for t in trees])
 
 
 def _slider(count: int, at: int | None = None, interactive: bool = True) -> dict:
@@ -271,7 +277,7 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
         """
         try:
             message = check_message(message, engine.context_length)
-            tree = options.tree if not temperature or options.sampling_tree is None else options.sampling_tree
+            tree = options.sampling_tree if options.sampling_tree is not None and samples(temperature) else options.tree
             config = make_config(
                 method, max_new_tokens, temperature, top_p, top_k, tree.total_tokens, tree.depth, tree.top_k,
                 lookup=tree.lookup,
@@ -313,9 +319,13 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
                     )
                 gr.Markdown(f"<small>{html.escape(note)}</small>", elem_id="tree-note")
                 t = options.tree
-                total = gr.Slider(1, 128, value=t.total_tokens, step=1, label="Total drafted tokens", info="EAGLE-2 paper: 60", elem_id="tree-total")
-                depth = gr.Slider(1, 12, value=t.depth, step=1, label="Depth", info="EAGLE-2 paper: 6", elem_id="tree-depth")
-                tree_k = gr.Slider(1, 20, value=t.top_k, step=1, label="Top-k per expansion", info="EAGLE-2 only; paper: 10")
+                trees = [t] + ([options.sampling_tree] if options.sampling_tree is not None else [])
+                total = gr.Slider(
+                    1, slider_max(trees, "total_tokens", 128), value=t.total_tokens, step=1, label="Total drafted tokens",
+                    info="EAGLE-2 paper: 60", elem_id="tree-total",
+                )
+                depth = gr.Slider(1, slider_max(trees, "depth", 12), value=t.depth, step=1, label="Depth", info="EAGLE-2 paper: 6", elem_id="tree-depth")
+                tree_k = gr.Slider(1, slider_max(trees, "top_k", 20), value=t.top_k, step=1, label="Top-k per expansion", info="EAGLE-2 only; paper: 10")
                 lookup = gr.Slider(
                     0, 32, value=t.lookup, step=1, label="Prompt-lookup branch (tokens)", elem_id="lookup",
                     info="0 = off. Adds tokens copied from the conversation (teal in the tree); still lossless",

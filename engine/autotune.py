@@ -47,6 +47,7 @@ from engine.bench import add_engine_arguments, engine_from_args, hardware_info
 from engine.config import GenerationConfig, SamplingConfig, TreeConfig
 from engine.decode import Engine
 from engine.draft import Drafter
+from engine.head import weights_digest
 from engine.kv import new_cache
 from engine.models import cache_dir
 from engine.tree import Tree, make_tree
@@ -421,7 +422,8 @@ class TuneResult:
         line = (
             f"auto-tuned tree{decoding}: {t.total_tokens} tokens, depth {t.depth}, top-k {t.top_k} "
             f"(expected τ {self.tau:.2f}, {self.tokens_per_s:.1f} tokens/s, {self.speedup:.2f}x vanilla "
-            f"on this machine; launch.py --tree {t.total_tokens},{t.depth},{t.top_k})"
+            f"on this machine; launch.py {'--tree' if sampling is None else '--sampling-tree'} "
+            f"{t.total_tokens},{t.depth},{t.top_k})"
         )
         if self.speedup < 1.0:
             line += "; no tree beats vanilla here with this head, so vanilla is the faster choice"
@@ -471,20 +473,13 @@ def tuning_key(engine: Engine, sampling: SamplingConfig = SamplingConfig()) -> d
     sampling settings when not greedy (they change acceptance)."""
     if engine.head is None:
         raise ValueError("auto-tuning picks the draft tree, so it needs a draft head; load one with --head")
-    digest = hashlib.sha256()
-    tensors = sorted(engine.head.state_dict().items())
-    if getattr(engine.head, "draft_vocab", None) is not None:  # a reduced draft vocabulary drafts differently
-        tensors.append(("draft_vocab", engine.head.draft_vocab))
-    for name, tensor in tensors:
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     hw = hardware_info(engine.device)
     where = hw["gpu"] if hw["gpu"] else f"{hw['cpu']}, {hw['threads']} threads"
     config = engine.model.config
     key = {
         "model": getattr(config, "_name_or_path", "") or config.model_type,
         "model_shape": [config.hidden_size, config.num_hidden_layers, config.vocab_size],
-        "head_sha256": digest.hexdigest()[:16],
+        "head_sha256": weights_digest(engine.head)[:16],
         "dtype": str(engine.dtype).removeprefix("torch."),
         "device": f"{engine.device} ({where})",
         "torch": hw["torch"],

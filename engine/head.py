@@ -14,6 +14,7 @@ Invariants: the head never owns the lm_head; `DraftCache` is written in place an
 length only ever covers committed context (tree slots beyond it are scratch for one cycle).
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -146,6 +147,18 @@ class DraftHead(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
         return x
+
+
+def weights_digest(head: DraftHead) -> str:
+    """sha256 (hex) of the head's weights and draft vocabulary, as stored (dtype included)."""
+    digest = hashlib.sha256()
+    tensors = sorted(head.state_dict().items())
+    if head.draft_vocab is not None:  # a reduced draft vocabulary drafts differently
+        tensors.append(("draft_vocab", head.draft_vocab))
+    for name, tensor in tensors:
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def head_config_for(model, bias: bool = True) -> dict:

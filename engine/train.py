@@ -7,11 +7,14 @@ One command runs every stage and resumes where it stopped:
 
 Stages (each writes small files under --run, so a killed job loses at most one shard or one
 checkpoint interval):
-  1. data:     prompts -> the target's own greedy answers through its chat template (batched), and the
-               target's final-norm hidden states for every token, in safetensors shards.
+  1. data:     prompts -> the target's own answers through its chat template (batched; greedy, and
+               sampled at each extra --temperatures value), and the target's final-norm hidden states
+               for every token, in safetensors shards.
   2. fit:      the EAGLE loss: SmoothL1(predicted next feature, true next feature)
                + ce_weight * cross-entropy against the target's next-token distribution, with uniform
-               noise on input features; AdamW, warm-up + cosine schedule, a held-out split.
+               noise on input features; AdamW, warm-up + cosine schedule, a held-out split. With
+               --unroll S, S draft steps per position, later ones fed the head's own predictions.
+               --init fine-tunes an existing head instead of a fresh one.
   3. export:   the official EAGLE layout (config.json + model.safetensors) plus a card (README.md).
 Benchmark questions must never be used here; `--prompts` refuses files from a benchmarks folder.
 """
@@ -23,7 +26,7 @@ import math
 import random
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from engine.head import DraftHead, head_config_for, save_head
+from engine.head import DraftHead, head_config_for, save_head, weights_digest
 from engine.verify import base_model
 
 
@@ -114,9 +117,14 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     return list(ids if isinstance(ids, list) else ids["input_ids"])
 
 
+def now() -> float:
+    """Wall clock for the time budgets (a function, so tests can drive it)."""
+    return time.time()
+
+
 def parse_temperatures(text: str) -> list[float]:
     temps = [float(t) for t in str(text).split(",") if t.strip()]
-    if not temps or any(t < 0 for t in temps) or len(set(temps)) != len(temps):
+    if not temps or not all(math.isfinite(t) and t >= 0 for t in temps) or len(set(temps)) != len(temps):
         raise ValueError(f"--temperatures wants distinct non-negative numbers such as 0 or 0,1; got {text!r}")
     return temps
 
@@ -159,15 +167,15 @@ def generate_data(model, tokenizer, prompts: list[str], run: Path, cfg: DataConf
     eos_set = set(eos) if isinstance(eos, list) else {eos}
     done = selected * len(temps) - len(jobs)
     bar = tqdm(total=len(jobs), desc=f"answering prompts ({done} answers already stored)", unit="answer")
-    started, slowest = time.time(), 0.0
+    started, slowest = now(), 0.0
     for s, shard in enumerate(shards, start=first):
-        elapsed = time.time() - started
+        elapsed = now() - started
         if cfg.data_minutes and elapsed + slowest > cfg.data_minutes * 60:
             bar.write(f"data time budget ({cfg.data_minutes} min) reached: stopping after {s - first} new shards")
             break
         path = data_dir / f"shard_{s:05d}.safetensors"
         records = []
-        for temp in temps:
+        for ti, temp in enumerate(temps):
             part = sorted((ids for ids, t in shard if t == temp), key=len)
             for b in range(0, len(part), cfg.batch_size):
                 batch = part[b : b + cfg.batch_size]
@@ -175,7 +183,7 @@ def generate_data(model, tokenizer, prompts: list[str], run: Path, cfg: DataConf
                 input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=model.device)
                 attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=model.device)
                 sampling = dict(do_sample=True, temperature=temp, top_k=0, top_p=1.0) if temp > 0 else dict(do_sample=False)
-                torch.manual_seed(cfg.shuffle_seed * 100_003 + s * 1_009 + b)  # reproducible sampled answers
+                torch.manual_seed(((cfg.shuffle_seed * 100_003 + s) * 1_009 + b) * 31 + ti)  # reproducible sampled answers
                 out = model.generate(
                     input_ids=input_ids, attention_mask=attention, max_new_tokens=cfg.max_new_tokens,
                     pad_token_id=pad, eos_token_id=eos, **sampling,
@@ -192,7 +200,7 @@ def generate_data(model, tokenizer, prompts: list[str], run: Path, cfg: DataConf
         tensors["temperature"] = torch.tensor([t for _, _, t in records], dtype=torch.float64)
         save_file(tensors, str(path.with_suffix(".tmp")))
         path.with_suffix(".tmp").rename(path)
-        slowest = max(slowest, time.time() - started - elapsed)
+        slowest = max(slowest, now() - started - elapsed)
     bar.close()
 
 
@@ -242,11 +250,12 @@ def load_sequences(run: Path) -> list[dict]:
     seqs = []
     for path in sorted((run / "data").glob("shard_*.safetensors")):
         t = load_file(str(path))
-        off = t["offsets"].tolist()
-        for i, start in enumerate(t["answer_start"].tolist()):
+        off, starts = t["offsets"].tolist(), t["answer_start"].tolist()
+        temps = t["temperature"].tolist() if "temperature" in t else [0.0] * len(starts)  # older shards: greedy
+        for i, (start, temp) in enumerate(zip(starts, temps)):
             a, b = off[i], off[i + 1]
             if b - a >= 3:
-                seqs.append({"ids": t["input_ids"][a:b], "features": t["features"][a:b], "answer_start": start})
+                seqs.append({"ids": t["input_ids"][a:b], "features": t["features"][a:b], "answer_start": start, "temperature": temp})
     return seqs
 
 
@@ -346,7 +355,8 @@ def eagle_loss(head: DraftHead, embed, lm_weight, batch, cfg: FitConfig, noise: 
     """lm_weight (V or Vd, H): the target's lm_head rows the draft will score (its draft vocabulary).
 
     With cfg.unroll > 1 the loss is the mean over draft steps; stats report step 1's numbers under
-    the plain names (reg, ce, acc) and step s's accuracy as acc_s."""
+    the plain names (reg, ce, acc) and step s's accuracy as acc_s, and rows_s counts the positions
+    each step scored (step s skips the first s - 1)."""
     feats = batch["feats"].float()
     if noise:
         feats = feats + (torch.rand_like(feats) * 2 - 1) * cfg.noise
@@ -359,7 +369,8 @@ def eagle_loss(head: DraftHead, embed, lm_weight, batch, cfg: FitConfig, noise: 
     total, stats = 0.0, {}
     for step, pred in enumerate(preds):
         rows = position >= step
-        if not rows.any():
+        stats[f"rows_{step + 1}"] = int(rows.sum())
+        if not stats[f"rows_{step + 1}"]:
             continue
         pred_m, tgt, tp = pred[m][rows], target_m[rows], target_p[rows]
         reg = F.smooth_l1_loss(pred_m, tgt)
@@ -400,14 +411,24 @@ def fit(
     lm_weight = lm_head.weight.detach() if vocab is None else lm_head.weight.detach()[vocab.to(lm_head.weight.device)]
     for p in model.parameters():
         p.requires_grad_(False)
-    head = DraftHead(head_config_for(model)).float()
-    if init is not None:
+    if init is None:
+        head, origin = DraftHead(head_config_for(model)).float(), "fresh"
+    else:
+        if init.embed_tokens is not None:
+            raise ValueError("--init: this head carries its own embed_tokens; fine-tuning trains with the target's embeddings")
+        head = DraftHead(init.config_dict).float()
         head.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+        origin = "init " + weights_digest(init)[:12]
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     ckpt = run / "ckpt.pt"
     step, history = 0, []
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if state.get("origin", "fresh") != origin:
+            raise ValueError(
+                f"{ckpt} holds a run that started from another head ({state.get('origin', 'fresh')}, not {origin}); "
+                "use a fresh --run folder (the data shards can be shared: link or copy its data/ folder)"
+            )
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
         step, history = int(state["step"]), json.loads(state["history"])
@@ -418,11 +439,11 @@ def fit(
     for _ in range(step):  # replay the data order so a resumed run sees what a straight run would
         next(stream)
     bar = tqdm(total=cfg.steps, initial=step, desc="training head", unit="step")
-    start = time.time()
+    start = now()
 
     def record_eval(at: int, extra: dict) -> None:
         ev = evaluate_loss(head, embed, lm_weight, held, cfg)
-        history.append({"step": at, **extra, **ev, "elapsed_s": time.time() - start})
+        history.append({"step": at, **extra, **ev, "elapsed_s": now() - start})
         log(json.dumps(history[-1]))
         with open(run / "train_log.jsonl", "a") as f:
             f.write(json.dumps(history[-1]) + "\n")
@@ -431,11 +452,11 @@ def fit(
 
     def save_checkpoint() -> None:
         tmp = ckpt.with_suffix(".tmp")
-        torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "history": json.dumps(history)}, tmp)
+        torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "history": json.dumps(history), "origin": origin}, tmp)
         tmp.rename(ckpt)
 
     while step < cfg.steps:
-        if cfg.fit_minutes and time.time() - start > cfg.fit_minutes * 60:
+        if cfg.fit_minutes and now() - start > cfg.fit_minutes * 60:
             log(f"training time limit ({cfg.fit_minutes} min) reached at step {step} of {cfg.steps}; stopping early")
             if not history or history[-1]["step"] != step:
                 record_eval(step, {"stopped_early": True})
@@ -453,7 +474,8 @@ def fit(
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['acc']:.2f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            record_eval(step, {"train_loss": loss.item(), **{f"train_{k}": v for k, v in stats.items()}})
+            train_stats = {f"train_{k}": v for k, v in stats.items() if not k.startswith("rows_")}
+            record_eval(step, {"train_loss": loss.item(), **train_stats})
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint()
     bar.close()
@@ -471,16 +493,17 @@ def evaluate_loss(head, embed, lm_weight, held: list[dict], cfg: FitConfig) -> d
     if not held:
         return {}
     head.eval()
-    sums, weight = defaultdict(float), 0
+    sums, weights = defaultdict(float), defaultdict(int)
     for group in pack(sorted(range(len(held)), key=lambda i: len(held[i]["ids"])), [len(s["ids"]) for s in held], cfg.batch_tokens):
         batch = collate([held[i] for i in group], lm_weight.device, cfg.prompt_loss)
         _, stats = eagle_loss(head, embed, lm_weight, batch, cfg, noise=False)
-        n = int(batch["mask"].sum())
         for k, v in stats.items():
-            sums[k] += v * n
-        weight += n
+            if not k.startswith("rows_"):
+                n = stats["rows_" + (k.rsplit("_", 1)[1] if k.startswith("acc_") else "1")]  # the step's own rows
+                sums[k] += v * n
+                weights[k] += n
     head.train()
-    out = {f"heldout_{k}": v / weight for k, v in sums.items()}
+    out = {f"heldout_{k}": v / weights[k] for k, v in sums.items() if weights[k]}
     out["heldout_score"] = sum(v for k, v in out.items() if k.startswith("heldout_acc")) / max(cfg.unroll, 1)
     return out
 
@@ -524,7 +547,21 @@ def export(head: DraftHead, path: Path, card: dict) -> None:
     (path / "README.md").write_text("\n".join(lines))
 
 
+FLAG_HELP = {
+    "temperatures": "answer every prompt once per temperature, e.g. 0,1 (0: greedy; sampled answers widen the "
+    "contexts the head sees to those of sampled decoding)",
+    "data_minutes": "time budget of the data stage: no shard starts that would end past it (0: none)",
+    "feature_batch_tokens": "tokens per target forward when storing features (raise it on a GPU)",
+    "unroll": "draft steps trained per position; steps after the first read the head's own predicted features, "
+    "as drafting does (HASS / EAGLE-3 style)",
+    "fit_minutes": "stop training after this many minutes, keeping the best checkpoint (0: none); the learning-rate "
+    "schedule still spans --steps, so size --steps to the time",
+    "limit": "prompts to answer (0: answer none and train on the run's shards)",
+}
+
+
 def main(argv=None) -> None:
+    from engine.head import load_head
     from engine.models import ModelSpec, load_target
 
     p = argparse.ArgumentParser(description="Train an EAGLE draft head for a target model (resumable).")
@@ -549,7 +586,7 @@ def main(argv=None) -> None:
     )
     for name, cfg_cls in (("data", DataConfig), ("fit", FitConfig)):
         for k, v in asdict(cfg_cls()).items():
-            flag, help_ = f"--{k.replace('_', '-')}", f"{name}: default {v}"
+            flag, help_ = f"--{k.replace('_', '-')}", f"{name}: {FLAG_HELP[k] + '; ' if k in FLAG_HELP else ''}default {v}"
             if isinstance(v, bool):
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, default=v, help=help_)
             else:
@@ -561,16 +598,14 @@ def main(argv=None) -> None:
     fit_cfg = FitConfig(**{k: getattr(args, k) for k in asdict(FitConfig())})
     args.run.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_target(ModelSpec(model=args.model, dtype=args.dtype))
+    init = load_head(args.init, model, dtype=torch.float32) if args.init else None  # before hours of data
     started = time.time()
     generate_data(model, tokenizer, read_prompts(args.prompts, args.max_source_share, sources=tuple(filter(None, args.sources.split(",")))), args.run, data_cfg)
     seqs = load_sequences(args.run)
     n_tokens = sum(len(s["ids"]) - s["answer_start"] for s in seqs)
     print(f"{len(seqs)} sequences, {n_tokens} answer tokens", file=sys.stderr)
-    vocab, coverage, init = None, 1.0, None
-    if args.init:
-        from engine.head import load_head
-
-        init = load_head(args.init, model, dtype=torch.float32)
+    vocab, coverage = None, 1.0
+    if init is not None:
         if init.draft_vocab is not None:
             vocab = init.draft_vocab.cpu()
             coverage = vocabulary_coverage(answer_token_counts(seqs, model.config.vocab_size), vocab)
@@ -588,7 +623,7 @@ def main(argv=None) -> None:
         card = {
             "target": Path(getattr(model.config, "_name_or_path", "") or model.config.model_type).name,
             "data": f"{len(seqs)} self-distilled answers ({n_tokens} tokens) to prompts from {Path(args.prompts).name}"
-            + f" (temperatures {data_cfg.temperatures})",
+            + " (" + ", ".join(f"{n} at T={t:g}" for t, n in sorted(Counter(s["temperature"] for s in seqs).items())) + ")",
             "steps": fit_cfg.steps if not head.history or head.history[-1]["step"] >= fit_cfg.steps
             else f"{head.history[-1]['step']} of {fit_cfg.steps} (stopped by --fit-minutes {fit_cfg.fit_minutes})",
             "batch tokens": fit_cfg.batch_tokens,

@@ -1,10 +1,12 @@
 """The training pipeline end to end on a tiny random model: data, fit, export, load, decode."""
 
+import itertools
 import json
 
 import pytest
 import torch
 
+from engine import train
 from engine.config import GenerationConfig, TreeConfig
 from engine.decode import Engine
 from engine.head import DraftHead, head_config_for, load_head
@@ -145,7 +147,7 @@ def test_unrolled_steps_match_drafting_with_own_features():
                     torch.testing.assert_close(preds[step][row, pos], feature[0, 0], rtol=1e-4, atol=1e-5)
 
 
-def test_unrolled_training_reports_each_step_and_stops_on_time(tmp_path):
+def test_unrolled_training_reports_each_step_and_stops_on_time(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model, tokenizer = tiny_model("llama", layers=2, seed=4), tiny_tokenizer()
     prompts = [f"tell me about {w} {c}" for c in "abcd" for w in ("cats", "rain", "maps")]
@@ -163,13 +165,19 @@ def test_unrolled_training_reports_each_step_and_stops_on_time(tmp_path):
     # a time limit stops early with an evaluation and a checkpoint; a rerun without it resumes there
     run2 = tmp_path / "run2"
     run2.mkdir()
-    limited = fit(model, seqs, run2, FitConfig(**{**cfg.__dict__, "fit_minutes": 1e-9}), log=lambda m: None)
-    assert limited.history[-1]["stopped_early"] and limited.history[-1]["step"] < cfg.steps
+    clock = itertools.count()
+    monkeypatch.setattr(train, "now", lambda: float(next(clock)))  # one second per look at the clock
+    limited = fit(model, seqs, run2, FitConfig(**{**cfg.__dict__, "fit_minutes": 25 / 60}), log=lambda m: None)
+    stopped = limited.history[-1]
+    assert stopped["stopped_early"] and 20 < stopped["step"] < cfg.steps
     assert (run2 / "best.pt").exists()
     resumed = fit(model, seqs, run2, cfg, log=lambda m: None)
-    assert resumed.history[-1]["step"] == cfg.steps
+    assert stopped in resumed.history and resumed.history[-1]["step"] == cfg.steps
 
-    # fine-tuning starts from the given head: at learning rate 0 it comes back unchanged
+    # fine-tuning starts from the given head: at learning rate 0 it comes back unchanged; a run folder
+    # holding another start's checkpoint is refused
+    with pytest.raises(ValueError, match="started from another head"):
+        fit(model, seqs, run2, cfg, log=lambda m: None, init=head)
     (tmp_path / "run3").mkdir()
     same = fit(model, seqs, tmp_path / "run3", FitConfig(**{**cfg.__dict__, "steps": 3, "lr": 0.0}), log=lambda m: None, init=head)
     for (name, a), b in zip(same.state_dict().items(), head.state_dict().values()):
@@ -199,12 +207,17 @@ def test_data_answers_each_prompt_once_per_temperature(tmp_path):
     assert any(a != b for a, b in by_prompt.values())  # sampling at T=1 on a random model departs from greedy
     generate_data(model, tokenizer, prompts, run, cfg)  # nothing left to answer
     assert len(load_sequences(run)) == 12
-    with pytest.raises(ValueError, match="temperatures"):
-        generate_data(model, tokenizer, prompts, run, DataConfig(temperatures="0,-1"))
+    for bad in ("0,-1", "0,nan", "inf", "1,1"):
+        with pytest.raises(ValueError, match="temperatures"):
+            generate_data(model, tokenizer, prompts, run, DataConfig(temperatures=bad))
 
 
-def test_data_time_budget_starts_no_shard_past_it(tmp_path):
+def test_data_time_budget_starts_no_shard_past_it(tmp_path, monkeypatch):
     model, tokenizer = tiny_model("llama", layers=1, seed=2), tiny_tokenizer()
+    clock = itertools.count(step=10)
+    monkeypatch.setattr(train, "now", lambda: float(next(clock)))  # every shard takes 10 s
     run = tmp_path / "run"
-    generate_data(model, tokenizer, [f"p {c}" for c in "abcd"], run, DataConfig(limit=4, max_new_tokens=4, batch_size=2, shard_size=2, data_minutes=1e-9))
-    assert not list((run / "data").glob("shard_*.safetensors"))
+    cfg = DataConfig(limit=4, max_new_tokens=4, batch_size=1, shard_size=1, data_minutes=0.75)
+    generate_data(model, tokenizer, [f"p {c}" for c in "abcd"], run, cfg)
+    # shards end at 10 s and 20 s; a third would end at 60 s, past the 45 s budget
+    assert len(list((run / "data").glob("shard_*.safetensors"))) == 2
