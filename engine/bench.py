@@ -21,9 +21,11 @@ How the measurement stays fair:
 
 Result JSON (field names are stable, scripts read them):
   config, hardware, memory, results: [{question_id, category, method, turns, new_tokens, wall_s, cycles,
-  tau, output_ids (one list per turn), text (one string per turn), finish_reasons}],
+  tau, output_ids (one list per turn), text (one string per turn), finish_reasons, and for this engine's
+  methods phase_ms {prefill_ms, draft_ms, verify_ms}, its stopwatch's split of the time}],
   summary: {method: {overall: {...}, per_category: {category: {...}}, peak_memory_mb}} where each {...}
-  holds tokens_per_s, speedup_vs_vanilla, tau, new_tokens, wall_s; and `lossless` with --check-lossless.
+  holds tokens_per_s, speedup_vs_vanilla, tau, new_tokens, wall_s (engine methods also draft_ms_per_cycle,
+  verify_ms_per_cycle, prefill_ms_per_turn); and `lossless` with --check-lossless.
 A markdown table (RESULT.md) and a chart of speedup per category (RESULT.png) are written beside it.
 Every answer is also saved as it finishes in RESULT.partial.jsonl (removed at the end): after a crash
 or a kill, the same command with `--resume` reuses those answers and runs only the rest.
@@ -129,10 +131,14 @@ class TurnOutput:
     wall_s: float
     cycles: int  # target forwards after the prefill
     finish_reason: str
+    phase_ms: dict[str, float] | None = None  # engine methods: prefill_ms, draft_ms, verify_ms (the engine's stopwatch)
 
 
 class Method(Protocol):
     def run(self, prompt_ids: list[int], settings: BenchSettings) -> TurnOutput: ...
+
+
+PHASES = ("prefill_ms", "draft_ms", "verify_ms")
 
 
 class EngineMethod:
@@ -157,7 +163,8 @@ class EngineMethod:
         for event in self.engine.generate(prompt_ids, config):
             end = event
         wall_s = time.perf_counter() - start  # the engine syncs every cycle: no work is left queued
-        return TurnOutput(end["output_ids"], end["text"], wall_s, end["totals"]["cycles"], end["finish_reason"])
+        phase_ms = {k: end["totals"][k] for k in PHASES}
+        return TurnOutput(end["output_ids"], end["text"], wall_s, end["totals"]["cycles"], end["finish_reason"], phase_ms)
 
 
 class HFGenerateMethod:
@@ -243,6 +250,9 @@ def answer_question(engine: Engine, method: Method, name: str, question: dict, s
         outputs.append(out)
     new_tokens = sum(len(o.output_ids) for o in outputs)
     cycles = sum(o.cycles for o in outputs)
+    phases = {}
+    if all(o.phase_ms for o in outputs):  # where a cycle's time goes (engine methods only)
+        phases = {"phase_ms": {k: sum(o.phase_ms[k] for o in outputs) for k in PHASES}}
     return {
         "question_id": question["question_id"],
         "category": question["category"],
@@ -255,6 +265,7 @@ def answer_question(engine: Engine, method: Method, name: str, question: dict, s
         "output_ids": [o.output_ids for o in outputs],
         "text": [o.text for o in outputs],
         "finish_reasons": [o.finish_reason for o in outputs],
+        **phases,
     }
 
 
@@ -362,12 +373,17 @@ def _rates(rows: list[dict]) -> dict:
     wall = sum(r["wall_s"] for r in rows)
     cycles = sum(r["cycles"] for r in rows)
     turns = sum(r["turns"] for r in rows)
-    return {
+    rates = {
         "tokens_per_s": tokens / wall if wall > 0 else 0.0,
         "tau": (tokens - turns) / cycles if cycles else 0.0,
         "new_tokens": tokens,
         "wall_s": wall,
     }
+    if rows and cycles and all("phase_ms" in r for r in rows):
+        rates["draft_ms_per_cycle"] = sum(r["phase_ms"]["draft_ms"] for r in rows) / cycles
+        rates["verify_ms_per_cycle"] = sum(r["phase_ms"]["verify_ms"] for r in rows) / cycles
+        rates["prefill_ms_per_turn"] = sum(r["phase_ms"]["prefill_ms"] for r in rows) / turns
+    return rates
 
 
 def summarize(results: list[dict], memory_mb: dict[str, float] | None = None) -> dict:
@@ -523,6 +539,14 @@ def markdown_report(report: dict) -> str:
         cells = [_fmt(s["overall"]["speedup_vs_vanilla"], ".2f", "x")]
         cells += [_fmt(s["per_category"].get(c, {}).get("speedup_vs_vanilla"), ".2f", "x") for c in categories]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    timed = {m: s["overall"] for m, s in summary.items() if "verify_ms_per_cycle" in s["overall"]}
+    if timed:
+        lines += ["", "Where the engine's time goes (ms; a cycle is one draft plus one verify):", ""]
+        lines += ["| method | draft per cycle | verify per cycle | prefill per turn |", "|---|---:|---:|---:|"]
+        for method, o in timed.items():
+            lines.append(
+                f"| {method} | {o['draft_ms_per_cycle']:.1f} | {o['verify_ms_per_cycle']:.1f} | {o['prefill_ms_per_turn']:.1f} |"
+            )
     lossless = report.get("lossless")
     if lossless is not None:
         lines += [

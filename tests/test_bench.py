@@ -197,8 +197,22 @@ def test_command_writes_json_markdown_and_chart(saved_tiny, tmp_path):
     assert report["summary"]["vanilla"]["overall"]["speedup_vs_vanilla"] == pytest.approx(1.0)
     assert report["summary"]["eagle2"]["overall"]["tau"] > 1.5  # the oracle head's drafts are accepted
     assert report["lossless"]["bugs"] == 0 and report["lossless"]["divergences"] == []
+    # this engine's methods split their time; the transformers baselines have no such split
+    for r in report["results"]:
+        if r["method"] in bench.ENGINE_METHODS:
+            phases = r["phase_ms"]
+            assert set(phases) == {"prefill_ms", "draft_ms", "verify_ms"} and phases["prefill_ms"] > 0
+            assert phases["prefill_ms"] + phases["draft_ms"] + phases["verify_ms"] <= r["wall_s"] * 1000
+            assert phases["verify_ms"] > 0 and phases["draft_ms"] > 0  # vanilla's "draft" is its root: tiny, not zero
+        else:
+            assert "phase_ms" not in r
+    eagle2 = report["summary"]["eagle2"]["overall"]
+    rows = [r for r in report["results"] if r["method"] == "eagle2"]
+    assert eagle2["draft_ms_per_cycle"] == pytest.approx(sum(r["phase_ms"]["draft_ms"] for r in rows) / sum(r["cycles"] for r in rows))
+    assert "verify_ms_per_cycle" not in report["summary"]["hf_generate"]["overall"]
     md = out.with_suffix(".md").read_text()
     assert "| eagle2 |" in md and "writing" in md
+    assert "Where the engine's time goes" in md and "| hf_generate | " not in md.split("Where the engine's time goes")[1]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
