@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = Engine(model, tokenizer, head)
     print(f"• Engine ready: {engine.describe()}", flush=True)
-    tree, tree_note = TreeConfig(), "EAGLE-2 paper defaults (60 tokens, depth 6, top-k 10)"
+    tree = TreeConfig()
+    tree_note = f"EAGLE-2 paper defaults ({tree.describe()})"
     sampling_tree, sampling_note = None, ""
     if isinstance(tree_arg, TreeConfig):
         tree, tree_note = tree_arg, "set by --tree"
@@ -204,10 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             done(t)
             print(f"• {sampling_note}", flush=True)
     if isinstance(sampling_tree_arg, TreeConfig):
-        sampling_tree = sampling_tree_arg
-        sampling_note = (
-            f"{sampling_tree.total_tokens} tokens, depth {sampling_tree.depth}, top-k {sampling_tree.top_k}, set by --sampling-tree"
-        )
+        sampling_tree, sampling_note = sampling_tree_arg, f"{sampling_tree_arg.describe()}, set by --sampling-tree"
     if args.lookup:
         tree = replace(tree, lookup=args.lookup)
         tree_note += f"; prompt-lookup branch of {args.lookup} tokens (--lookup)"

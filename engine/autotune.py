@@ -420,7 +420,7 @@ class TuneResult:
             + (f", top-k {sampling['top_k']}" if sampling["top_k"] else "")
         )  # fmt: skip
         line = (
-            f"auto-tuned tree{decoding}: {t.total_tokens} tokens, depth {t.depth}, top-k {t.top_k} "
+            f"auto-tuned tree{decoding}: {t.describe()} "
             f"(expected τ {self.tau:.2f}, {self.tokens_per_s:.1f} tokens/s, {self.speedup:.2f}x vanilla "
             f"on this machine; launch.py {'--tree' if sampling is None else '--sampling-tree'} "
             f"{t.total_tokens},{t.depth},{t.top_k})"

@@ -24,6 +24,9 @@ class TreeConfig:
     top_k: int = 10
     lookup: int = 0
 
+    def describe(self) -> str:
+        return f"{self.total_tokens} tokens, depth {self.depth}, top-k {self.top_k}"
+
     def validate(self) -> None:
         if not 1 <= self.depth <= 32:
             raise ValueError(f"tree depth must be between 1 and 32, got {self.depth}")

@@ -204,14 +204,19 @@ def generate_data(model, tokenizer, prompts: list[str], run: Path, cfg: DataConf
     bar.close()
 
 
+def stored_temperatures(keys, get_tensor, count: int) -> list[float]:
+    """A shard's answer temperature per sequence; shards written before temperatures were stored are greedy."""
+    return get_tensor("temperature").tolist() if "temperature" in keys else [0.0] * count
+
+
 def answered_prompts(data_dir: Path, with_temperature: bool = False) -> set:
     """Prompt ids (chat template applied) of every sequence stored in the run's shards; with
-    `with_temperature`, (prompt ids, temperature) pairs (shards from before temperatures: 0)."""
+    `with_temperature`, (prompt ids, temperature) pairs."""
     done = set()
     for path in data_dir.glob("shard_*.safetensors"):
         with safe_open(str(path), framework="pt") as f:
             ids, off, starts = f.get_tensor("input_ids").tolist(), f.get_tensor("offsets").tolist(), f.get_tensor("answer_start").tolist()
-            temps = f.get_tensor("temperature").tolist() if "temperature" in f.keys() else [0.0] * len(starts)
+            temps = stored_temperatures(f.keys(), f.get_tensor, len(starts))
         prompts = (tuple(ids[a : a + n]) for a, n in zip(off, starts))
         done.update(zip(prompts, temps) if with_temperature else prompts)
     return done
@@ -251,7 +256,7 @@ def load_sequences(run: Path) -> list[dict]:
     for path in sorted((run / "data").glob("shard_*.safetensors")):
         t = load_file(str(path))
         off, starts = t["offsets"].tolist(), t["answer_start"].tolist()
-        temps = t["temperature"].tolist() if "temperature" in t else [0.0] * len(starts)  # older shards: greedy
+        temps = stored_temperatures(t.keys(), t.__getitem__, len(starts))
         for i, (start, temp) in enumerate(zip(starts, temps)):
             a, b = off[i], off[i + 1]
             if b - a >= 3:
@@ -605,12 +610,11 @@ def main(argv=None) -> None:
     n_tokens = sum(len(s["ids"]) - s["answer_start"] for s in seqs)
     print(f"{len(seqs)} sequences, {n_tokens} answer tokens", file=sys.stderr)
     vocab, coverage = None, 1.0
-    if init is not None:
-        if init.draft_vocab is not None:
-            vocab = init.draft_vocab.cpu()
-            coverage = vocabulary_coverage(answer_token_counts(seqs, model.config.vocab_size), vocab)
-            print(f"draft vocabulary of {args.init}: {len(vocab)} tokens cover {coverage:.1%} of answer tokens", file=sys.stderr)
-    elif args.draft_vocab:
+    if init is not None and init.draft_vocab is not None:  # a fine-tune keeps the head's vocabulary
+        vocab = init.draft_vocab.cpu()
+        coverage = vocabulary_coverage(answer_token_counts(seqs, model.config.vocab_size), vocab)
+        print(f"draft vocabulary of {args.init}: {len(vocab)} tokens cover {coverage:.1%} of answer tokens", file=sys.stderr)
+    elif init is None and args.draft_vocab:
         eos = model.generation_config.eos_token_id
         always = {eos} if isinstance(eos, int) else set(eos or [])
         vocab, coverage = draft_vocabulary(seqs, args.draft_vocab, model.config.vocab_size, always)
