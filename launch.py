@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="add a prompt-lookup branch of up to N tokens copied from the conversation to every draft tree "
         "(still lossless; helps replies that quote their input). Default: 10; 0 turns it off.",
     )
+    m.add_argument(
+        "--adaptive", action="store_true",
+        help="rest the draft head while its guesses do not pay for their time (on text it cannot predict), "
+        "verifying only the copied branch or one token, and probe it again now and then. Same output. "
+        "Off by default: on this project's 2-core CPU it broke even (README, Performance).",
+    )
     m.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N. Default: auto.")
     m.add_argument(
         "--dtype", default="auto",
@@ -206,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"• {sampling_note}", flush=True)
     if isinstance(sampling_tree_arg, TreeConfig):
         sampling_tree, sampling_note = sampling_tree_arg, f"{sampling_tree_arg.describe()}, set by --sampling-tree"
+    if args.adaptive:
+        tree = replace(tree, adaptive=True)
+        tree_note += "; the head rests where it does not pay (--adaptive)"
+        if sampling_tree is not None:
+            sampling_tree = replace(sampling_tree, adaptive=True)
     if args.lookup:
         tree = replace(tree, lookup=args.lookup)
         tree_note += f"; prompt-lookup branch of {args.lookup} tokens (--lookup)"

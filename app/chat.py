@@ -108,6 +108,7 @@ def make_config(
     tree_top_k,
     seed=None,
     lookup=0,
+    adaptive=False,
 ) -> GenerationConfig:
     """A validated GenerationConfig from the settings panel's raw values; ValueError says what is wrong."""
     if method not in METHODS:
@@ -126,6 +127,7 @@ def make_config(
             depth=_whole("tree depth", depth),
             top_k=_whole("tree top-k", tree_top_k),
             lookup=_whole("prompt-lookup tokens", lookup),
+            adaptive=bool(adaptive),
         ),
         seed=None if seed_value is None or seed_value < 0 else seed_value,
     )

@@ -12,6 +12,8 @@ Drawing rules:
   - node shade is the draft's confidence exp(score) (score = cumulative log-probability of the path);
     nodes copied from the context by prompt lookup (`lookup_from` on) are teal instead;
   - the accepted path (root first) has a thick green outline and green edges, rejected nodes are faded;
+  - a cycle in which the draft head did not draft (`head` False: a copy stretch, or the adaptive head
+    resting) says so in the caption;
   - the bonus token (the target's own token after the accepted path) is an extra dashed orange node
     marked '★', drawn as a child of the last accepted node. It is drawn only when it was committed (a
     stop condition can end the cycle before it).
@@ -195,10 +197,15 @@ def render_tree(event: dict, labels: list[str], bonus_label: str | None = None) 
     n_accepted = len(accepted) - 1
     bonus_note = " + bonus token ★" if show_bonus else " (no bonus token: a stop condition ended the cycle)"
     copied = f" ({n - copied_from} copied by prompt lookup)" if copied_from < n else ""
+    rested = ""
+    if not event.get("head", True):  # a copy stretch, or the adaptive head resting (engine/gate.py)
+        rested = " · the draft head sat this cycle out: " + (
+            "the copied branch alone was verified" if copied_from < n else "a plain decoding step"
+        )
     caption = (
         f'<div class="tree-caption">Cycle {cycle}: {n - 1} drafted tokens{copied}, depth {max(depths)}, '
         f"{n_accepted} accepted{bonus_note} · draft {event.get('draft_ms', 0.0):.1f} ms · "
-        f"verify {event.get('verify_ms', 0.0):.1f} ms</div>"
+        f"verify {event.get('verify_ms', 0.0):.1f} ms{rested}</div>"
     )
     svg = (
         f'<svg class="draft-tree" xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" '

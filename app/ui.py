@@ -140,14 +140,16 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
     def show_pending(session: ChatSession, tint: bool):
         return "", chatbot_messages(session.turns, tint, session.pending)
 
-    def stream_chat(session, system_prompt, tint, method, max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup):
+    def stream_chat(
+        session, system_prompt, tint, method, max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup, adaptive
+    ):
         message = session.pending
         if message is None:  # nothing claimed the session (e.g. a stale chained event)
             session.active = False
             return
         keep = gr.update()
         try:
-            config = make_config(method, max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup)
+            config = make_config(method, max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup, adaptive)
             messages = build_messages(system_prompt, session_history(session.turns), message)
             view = None
             for view in stream_reply(engine, messages, config, session.cancel, options.poll_s):
@@ -205,7 +207,8 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
         return session
 
     def compare_measure(
-        session, system_prompt, method_a, method_b, max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup
+        session, system_prompt, method_a, method_b, max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup,
+        adaptive,
     ):
         prompt = session.pending
         if prompt is None:
@@ -216,7 +219,7 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
             # One seed for both sides, so a sampled comparison differs only by method.
             shared_seed = seed if seed is not None and seed >= 0 else random.randrange(2**31)
             configs = tuple(
-                make_config(m, max_new, temperature, top_p, top_k, total, depth, tree_k, shared_seed, lookup)
+                make_config(m, max_new, temperature, top_p, top_k, total, depth, tree_k, shared_seed, lookup, adaptive)
                 for m in (method_a, method_b)
             )
             prompt_ids = engine.chat_ids(build_messages(system_prompt, [], prompt))
@@ -280,7 +283,7 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
             tree = options.sampling_tree if options.sampling_tree is not None and samples(temperature) else options.tree
             config = make_config(
                 method, max_new_tokens, temperature, top_p, top_k, tree.total_tokens, tree.depth, tree.top_k,
-                lookup=tree.lookup,
+                lookup=tree.lookup, adaptive=tree.adaptive,
             )
             if history is not None and not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in history):
                 raise ValueError('history must be a list of {"role": ..., "content": ...} messages')
@@ -330,7 +333,12 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
                     0, 32, value=t.lookup, step=1, label="Prompt-lookup branch (tokens)", elem_id="lookup",
                     info="0 = off. Adds tokens copied from the conversation (teal in the tree); still lossless",
                 )
-        settings = [max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup]
+                adaptive = gr.Checkbox(
+                    value=t.adaptive, label="Rest the draft head when it does not pay", elem_id="adaptive",
+                    info="Where the head's guesses are rarely accepted, verify only the copied branch (or one "
+                    "token) and try the head again now and then. Same text, less time",
+                )
+        settings = [max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup, adaptive]
 
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):

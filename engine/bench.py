@@ -3,7 +3,8 @@
 `python -m engine.bench --questions FILE --methods vanilla,eagle2,... --out RESULT.json [options]`
 
 Methods: `vanilla`, `eagle1`, `eagle2` (this engine), `eagle2_lookup` (eagle2 plus a prompt-lookup
-branch of `--prompt-lookup-tokens` tokens grafted into its tree, engine/lookup.py) and the baselines a
+branch of `--prompt-lookup-tokens` tokens grafted into its tree, engine/lookup.py), `eagle2_adaptive`
+(eagle2_lookup with the adaptive head, engine/gate.py; the app's `--adaptive`) and the baselines a
 user would pick instead,
 `hf_generate` (transformers `generate`) and `hf_prompt_lookup` (`generate` with
 `prompt_lookup_num_tokens`). All run on the same loaded model.
@@ -22,10 +23,11 @@ How the measurement stays fair:
 Result JSON (field names are stable, scripts read them):
   config, hardware, memory, results: [{question_id, category, method, turns, new_tokens, wall_s, cycles,
   tau, output_ids (one list per turn), text (one string per turn), finish_reasons, and for this engine's
-  methods phase_ms {prefill_ms, draft_ms, verify_ms}, its stopwatch's split of the time}],
+  methods phase_ms {prefill_ms, draft_ms, verify_ms}, its stopwatch's split of the time, and head_cycles,
+  the cycles in which the draft head drafted}],
   summary: {method: {overall: {...}, per_category: {category: {...}}, peak_memory_mb}} where each {...}
   holds tokens_per_s, speedup_vs_vanilla, tau, new_tokens, wall_s (engine methods also draft_ms_per_cycle,
-  verify_ms_per_cycle, prefill_ms_per_turn); and `lossless` with --check-lossless.
+  verify_ms_per_cycle, prefill_ms_per_turn, head_share); and `lossless` with --check-lossless.
 A markdown table (RESULT.md) and a chart of speedup per category (RESULT.png) are written beside it.
 Every answer is also saved as it finishes in RESULT.partial.jsonl (removed at the end): after a crash
 or a kill, the same command with `--resume` reuses those answers and runs only the rest.
@@ -59,7 +61,7 @@ from engine.detok import IncrementalDetokenizer
 from engine.kv import new_cache
 from engine.verify import target_forward
 
-ENGINE_METHODS = ("vanilla", "eagle1", "eagle2", "eagle2_lookup")
+ENGINE_METHODS = ("vanilla", "eagle1", "eagle2", "eagle2_lookup", "eagle2_adaptive")
 BASELINES = ("hf_generate", "hf_prompt_lookup")
 BENCH_METHODS = ENGINE_METHODS + BASELINES
 # Largest logit gap between two diverging tokens still accepted as a rounding tie, per dtype. bf16 logits
@@ -132,6 +134,7 @@ class TurnOutput:
     cycles: int  # target forwards after the prefill
     finish_reason: str
     phase_ms: dict[str, float] | None = None  # engine methods: prefill_ms, draft_ms, verify_ms (the engine's stopwatch)
+    head_cycles: int | None = None  # engine methods: cycles in which the draft head drafted
 
 
 class Method(Protocol):
@@ -142,7 +145,7 @@ PHASES = ("prefill_ms", "draft_ms", "verify_ms")
 
 
 class EngineMethod:
-    """`vanilla`, `eagle1`, `eagle2` or `eagle2_lookup` through `Engine.generate`."""
+    """`vanilla`, `eagle1`, `eagle2`, `eagle2_lookup` or `eagle2_adaptive` through `Engine.generate`."""
 
     def __init__(self, engine: Engine, method: str):
         if method != "vanilla" and engine.head is None:
@@ -150,12 +153,13 @@ class EngineMethod:
         self.engine, self.method = engine, method
 
     def run(self, prompt_ids: list[int], settings: BenchSettings) -> TurnOutput:
-        lookup = settings.prompt_lookup_num_tokens if self.method == "eagle2_lookup" else 0
+        extended = self.method in ("eagle2_lookup", "eagle2_adaptive")
+        lookup = settings.prompt_lookup_num_tokens if extended else 0
         config = GenerationConfig(
-            method=self.method.removesuffix("_lookup"),
+            method="eagle2" if extended else self.method,
             max_new_tokens=settings.max_new_tokens,
             sampling=settings.sampling,
-            tree=replace(settings.tree, lookup=lookup),
+            tree=replace(settings.tree, lookup=lookup, adaptive=self.method == "eagle2_adaptive"),
             seed=settings.seed,
         )
         start = time.perf_counter()
@@ -164,7 +168,8 @@ class EngineMethod:
             end = event
         wall_s = time.perf_counter() - start  # the engine syncs every cycle: no work is left queued
         phase_ms = {k: end["totals"][k] for k in PHASES}
-        return TurnOutput(end["output_ids"], end["text"], wall_s, end["totals"]["cycles"], end["finish_reason"], phase_ms)
+        totals = end["totals"]
+        return TurnOutput(end["output_ids"], end["text"], wall_s, totals["cycles"], end["finish_reason"], phase_ms, totals["head_cycles"])
 
 
 class HFGenerateMethod:
@@ -253,6 +258,7 @@ def answer_question(engine: Engine, method: Method, name: str, question: dict, s
     phases = {}
     if all(o.phase_ms for o in outputs):  # where a cycle's time goes (engine methods only)
         phases = {"phase_ms": {k: sum(o.phase_ms[k] for o in outputs) for k in PHASES}}
+        phases["head_cycles"] = sum(o.head_cycles for o in outputs)
     return {
         "question_id": question["question_id"],
         "category": question["category"],
@@ -383,6 +389,8 @@ def _rates(rows: list[dict]) -> dict:
         rates["draft_ms_per_cycle"] = sum(r["phase_ms"]["draft_ms"] for r in rows) / cycles
         rates["verify_ms_per_cycle"] = sum(r["phase_ms"]["verify_ms"] for r in rows) / cycles
         rates["prefill_ms_per_turn"] = sum(r["phase_ms"]["prefill_ms"] for r in rows) / turns
+        if all("head_cycles" in r for r in rows):  # results from before the adaptive head lack it
+            rates["head_share"] = sum(r["head_cycles"] for r in rows) / cycles
     return rates
 
 
@@ -542,10 +550,14 @@ def markdown_report(report: dict) -> str:
     timed = {m: s["overall"] for m, s in summary.items() if "verify_ms_per_cycle" in s["overall"]}
     if timed:
         lines += ["", "Where the engine's time goes (ms; a cycle is one draft plus one verify):", ""]
-        lines += ["| method | draft per cycle | verify per cycle | prefill per turn |", "|---|---:|---:|---:|"]
+        lines += [
+            "| method | draft per cycle | verify per cycle | prefill per turn | cycles the head drafted |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for method, o in timed.items():
             lines.append(
-                f"| {method} | {o['draft_ms_per_cycle']:.1f} | {o['verify_ms_per_cycle']:.1f} | {o['prefill_ms_per_turn']:.1f} |"
+                f"| {method} | {o['draft_ms_per_cycle']:.1f} | {o['verify_ms_per_cycle']:.1f} | "
+                f"{o['prefill_ms_per_turn']:.1f} | {_fmt(100 * o['head_share'] if 'head_share' in o else None, '.0f', '%')} |"
             )
     lossless = report.get("lossless")
     if lossless is not None:
@@ -674,7 +686,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=default_tree.depth, help="draft tree depth")
     parser.add_argument("--top-k", type=int, default=default_tree.top_k, help="draft tree branching (eagle2)")
     parser.add_argument("--autotune", action="store_true", help="use the tree auto-tuned for this hardware and sampling instead")
-    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_prompt_lookup, and the lookup branch of eagle2_lookup")
+    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_prompt_lookup, and the lookup branch of eagle2_lookup and eagle2_adaptive")
     parser.add_argument("--warmup-tokens", type=int, default=32)
     parser.add_argument("--check-lossless", action="store_true", help="compare every method's tokens with vanilla's")
     parser.add_argument(

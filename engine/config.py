@@ -17,12 +17,15 @@ class TreeConfig:
     last committed token). For `eagle1` only total_tokens and depth cut the static tree.
     lookup > 0 adds a prompt-lookup branch of up to that many tokens copied from the context
     (engine/lookup.py) on top of the head's tree; 0 is plain EAGLE.
+    adaptive rests the head while its tree does not pay for its time (engine/gate.py): those cycles
+    verify the lookup chain alone, or just the root. Output is unchanged either way.
     """
 
     total_tokens: int = 60
     depth: int = 6
     top_k: int = 10
     lookup: int = 0
+    adaptive: bool = False
 
     def describe(self) -> str:
         return f"{self.total_tokens} tokens, depth {self.depth}, top-k {self.top_k}"

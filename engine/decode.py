@@ -7,7 +7,8 @@ Every method runs the same cycle on the same model and forward path:
   commit -> keep the accepted entries in the target's KV cache; queue them for the draft head
 Greedy output is the target's argmax sequence whatever the drafter guesses; sampled output follows the
 target's distribution (see engine/verify.py). One host sync per cycle: a single packed `.tolist()` (plus
-one to read the tree when the prompt-lookup branch is on, engine/lookup.py).
+one to read the tree when the prompt-lookup branch is on, engine/lookup.py, and on a CPU one boolean per
+draft depth, engine/draft.py).
 
 `Engine.generate` is a generator of plain event dicts (engine/events.py); it knows nothing of HTML.
 """
@@ -15,6 +16,7 @@ one to read the tree when the prompt-lookup branch is on, engine/lookup.py).
 import time
 from pathlib import Path
 from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 
@@ -22,6 +24,7 @@ from engine.config import GenerationConfig, TreeConfig
 from engine.detok import IncrementalDetokenizer
 from engine.draft import Drafter
 from engine.events import CycleEvent, EndEvent, StartEvent, Totals, TreeView
+from engine.gate import HeadGate
 from engine.head import DraftHead
 from engine.kv import commit_path, new_cache
 from engine.lookup import graft, lookup_chain
@@ -66,8 +69,26 @@ class DecodeState:
     pairs: tuple[torch.Tensor, torch.Tensor] | None  # (tokens (a,), features (a, H)) to feed the head
     prompt: list[int] = field(default_factory=list)
     copying: bool = False  # the last cycle accepted a long copied run: draft the next one by lookup alone
+    gate: HeadGate | None = None  # the adaptive head (tree.adaptive): whether the head pays for itself
     output: list[int] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading items a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Draft(NamedTuple):
+    tree: Tree  # the tree to verify
+    lookup_from: int  # index of its first prompt-lookup node (its size when none)
+    chain: list[int]  # the copied tokens hung from its root (empty when none)
+    head: bool  # the head drafted and was fed the pending pairs (copy and skipped cycles leave them pending)
 
 
 class Engine:
@@ -197,13 +218,15 @@ class Engine:
         if drafter is not None:  # pairs (f_i, x_{i+1}): the prompt shifted by one, then the new token
             pairs = (torch.cat([ids[1:], first]), features)
         state = DecodeState(cache, len(prompt_ids), first[0], pairs, list(prompt_ids))
+        if drafter is not None and config.tree.adaptive:
+            state.gate = HeadGate()
         int(first)  # the prefill's sync: its time is real
         return state, self.stopwatch.ms(mark, self.stopwatch.mark())
 
     @torch.no_grad()
     def _cycle(self, state: DecodeState, config: GenerationConfig, generator, drafter: Drafter | None, plan: StaticPlan) -> CycleEvent:
         t0 = self.stopwatch.mark()
-        tree, lookup_from, head_fed = self._draft(state, config, drafter, plan)
+        tree, lookup_from, chain, head_fed = self._draft(state, config, drafter, plan)
         t1 = self.stopwatch.mark()
         positions = state.past_len + tree.depths  # (n,)
         # a lone root attends to everything before it: plain causal decoding needs no mask
@@ -239,9 +262,16 @@ class Engine:
             state.pairs = pairs
             state.copying = lookup_from < n and path[-1] >= lookup_from and accepted - 1 >= COPY_RUN
         state.totals.cycles += 1
+        state.totals.head_cycles += head_fed
         draft_ms, verify_ms = self.stopwatch.ms(t0, t1), self.stopwatch.ms(t1, t2)
         state.totals.draft_ms += draft_ms
         state.totals.verify_ms += verify_ms
+        if state.gate is not None:
+            if head_fed:  # siblings are distinct, so the chain alone matches as far as it agrees with the path
+                copied = common_prefix(chain, [tokens[j] for j in path[1:]])
+                state.gate.head_cycle(accepted - 1, copied, draft_ms, verify_ms)
+            else:
+                state.gate.skip_cycle(accepted - 1, draft_ms + verify_ms)
         view = None
         if config.method != "vanilla":
             rest = packed[d + 1 + n :]
@@ -250,20 +280,20 @@ class Engine:
                 lookup_from if lookup_from < n else None,
             )
         new_ids = [tokens[j] for j in path[1:]] + [bonus]
-        return CycleEvent(state.totals.cycles, new_ids, "", view, path, bonus, draft_ms, verify_ms)
+        return CycleEvent(state.totals.cycles, new_ids, "", view, path, bonus, draft_ms, verify_ms, head=head_fed)
 
-    def _draft(
-        self, state: DecodeState, config: GenerationConfig, drafter: Drafter | None, plan: StaticPlan
-    ) -> tuple[Tree, int, bool]:
-        """The tree to verify, the index of its first prompt-lookup node (its size when none), and whether
-        the head was fed the pending pairs (a copy cycle leaves them for the next cycle)."""
+    def _draft(self, state: DecodeState, config: GenerationConfig, drafter: Drafter | None, plan: StaticPlan) -> Draft:
         room = self.context_length - state.past_len  # cache slots left, the root included
         if drafter is None:
-            return root_only(state.pending), 1, False
+            return Draft(root_only(state.pending), 1, [], False)
         lookup = config.tree.lookup
         chain = lookup_chain(state.prompt + state.output, 2 * lookup) if lookup and room > 1 else []
         if state.copying and chain:  # inside a copied stretch the head's tree rarely adds: skip it
-            return *graft(root_only(state.pending), chain[: room - 1]), False
+            chain = chain[: room - 1]
+            return Draft(*graft(root_only(state.pending), chain), chain, False)
+        if state.gate is not None and not state.gate.use_head():  # the head has not paid lately: rest it
+            chain = chain[: min(lookup, room - 1)]
+            return Draft(*graft(root_only(state.pending), chain), chain, False)
         root_hidden = drafter.extend(*state.pairs)  # commit the pending pairs (keeps the head in step)
         if config.method == "eagle2" and room >= 2:
             tree_cfg = config.tree
@@ -273,10 +303,11 @@ class Engine:
         elif config.method == "eagle1" and len(plan.parents) <= room:
             tree = drafter.static_tree(state.pending, root_hidden, plan)
         else:
-            return root_only(state.pending), 1, True  # near the context limit: one token at a time
+            return Draft(root_only(state.pending), 1, [], True)  # near the context limit: one token at a time
         if chain and room > tree.size:
-            return *graft(tree, chain[: min(lookup, room - tree.size)]), True
-        return tree, tree.size, True
+            chain = chain[: min(lookup, room - tree.size)]
+            return Draft(*graft(tree, chain), chain, True)
+        return Draft(tree, tree.size, [], True)
 
     # ---- stopping -----------------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ head's cache and returns the hidden state that predicts the children of the next
 writes scratch entries after the committed length; `extend` drops them before adding new pairs, so the
 cache holds only committed context between cycles.
 
-Every tensor stays on the device: no `.item()`, no Python loop over nodes (loops run over depth).
+Every tensor stays on the device: no `.item()`, no Python loop over nodes (loops run over depth). On a
+CPU, where a host read is free, EAGLE-2 drafting reads one boolean per depth to stop early (`_settled`).
 """
 
 import torch
@@ -27,6 +28,9 @@ class Drafter:
         self.lm_weight = lm_head.weight if self.vocab_ids is None else lm_head.weight[self.vocab_ids]  # (Vd, H)
         self.cache = head.new_cache(capacity)
         self.device = head.fc.weight.device
+        # Stop growing a tree once deeper nodes cannot make the cut (`_settled`): the tree is the same, the
+        # skipped draft steps are saved. It costs a host read per depth: free on a CPU, not on a GPU.
+        self.prune = self.device.type == "cpu"
         self._static: dict = {}  # StaticPlan -> its tensors on this device
 
     def reset(self) -> None:
@@ -98,6 +102,8 @@ class Drafter:
             frontier, tokens, scores = offset + best, top_t.flatten()[best], cand[best]
             feats, slots = h[parent_row], slots[parent_row]
             offset += k * k
+            if self.prune and d < cfg.depth and self._settled(pool_scores, scores, cfg.total_tokens):
+                break
         return select_dynamic(
             root_token,
             torch.cat(pool_tokens),
@@ -133,6 +139,16 @@ class Drafter:
             tokens[children] = top_t[rows, ranks]
             scores[children] = scores[parents[children]] + top_s[rows, ranks]
         return make_tree(tokens, parents, depths, scores, max(plan.depths))
+
+    @staticmethod
+    def _settled(pool_scores: list[torch.Tensor], frontier_scores: torch.Tensor, total: int) -> bool:
+        """Whether deeper levels can no longer enter the tree: a child scores at most its parent, so when
+        no frontier node beats the pool's `total`-th best score, no descendant will (ties go to the pool's
+        earlier entries in the stable rerank). One host read."""
+        pool = torch.cat(pool_scores)
+        if pool.shape[0] < total:
+            return False
+        return bool(frontier_scores.max() <= pool.topk(total).values[-1])
 
     def _plan_tensors(self, plan: StaticPlan):
         """The plan's index tensors on this device, built once per plan."""

@@ -39,6 +39,7 @@ class Totals:
     draft_ms: float = 0.0  # summed over cycles
     verify_ms: float = 0.0  # summed over cycles (target forward + acceptance)
     prefill_ms: float = 0.0
+    head_cycles: int = 0  # cycles in which the draft head drafted (the rest verified a copied chain or the root)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class CycleEvent:
     bonus_token: int
     draft_ms: float
     verify_ms: float
+    head: bool = False  # the draft head drafted this tree (False for vanilla, copy stretches, a resting head)
     totals: Totals = field(default_factory=Totals)
     type: str = "cycle"
 

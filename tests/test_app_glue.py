@@ -153,6 +153,18 @@ def test_copied_nodes_are_teal_and_counted():
     assert "copied from the context" in panel and "copied" not in render_cycle(cycle_event(), token_texts)
 
 
+def test_a_cycle_without_the_head_says_so():
+    assert "sat this cycle out" not in render_cycle(cycle_event(), token_texts)
+    event = cycle_event()
+    event["head"] = False  # a copy stretch, or the adaptive head resting
+    event["tree"]["lookup_from"] = 1
+    assert "the draft head sat this cycle out: the copied branch alone was verified" in render_cycle(event, token_texts)
+    root = {"type": "cycle", "cycle": 9, "new_token_ids": [11], "text": "<", "accepted": [0], "bonus_token": 11,
+            "tree": {"tokens": [10], "parents": [-1], "depths": [0], "scores": [0.0], "lookup_from": None},
+            "draft_ms": 0.1, "verify_ms": 30.0, "head": False, "totals": {}}
+    assert "0 drafted tokens" in render_cycle(root, token_texts) and "a plain decoding step" in render_cycle(root, token_texts)
+
+
 def test_vanilla_cycle_has_no_tree():
     event = {"type": "cycle", "cycle": 4, "new_token_ids": [11], "text": "<", "tree": None, "accepted": [],
              "bonus_token": 11, "draft_ms": 0.0, "verify_ms": 3.0, "totals": {}}
@@ -265,6 +277,7 @@ def test_make_config_accepts_ui_values_and_rejects_out_of_range():
     assert config.max_new_tokens == 128 and config.sampling.top_k == 40 and config.seed is None
     assert make_config("vanilla", 8, 0, 1, 0, 60, 6, 10, 7).seed == 7
     assert config.tree.lookup == 0 and make_config("eagle2", 8, 0, 1, 0, 60, 6, 10, -1, 12.0).tree.lookup == 12
+    assert not config.tree.adaptive and make_config("eagle2", 8, 0, 1, 0, 60, 6, 10, -1, 0, True).tree.adaptive
     for args, message in [
         (("eagle3", 8, 0, 1, 0, 60, 6, 10), "unknown method"),
         (("eagle2", 0, 0, 1, 0, 60, 6, 10), "max_new_tokens"),

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FLAGS = (
     "--model", "--head", "--no-head", "--load-in-4bit", "--load-in-8bit", "--device", "--dtype", "--host",
     "--port", "--share", "--auth", "--no-browser", "--max-new-tokens", "--lookup", "--tree", "--sampling-tree",
+    "--adaptive",
 )
 
 
@@ -28,6 +29,7 @@ def test_defaults():
     args = launch.parse_args([])
     assert (args.model, args.head, args.device, args.dtype) == (None, None, "auto", "auto")
     assert (args.host, args.port, args.share, args.auth, args.no_browser) == ("127.0.0.1", 7860, False, None, False)
+    assert (args.lookup, args.adaptive) == (10, False) and launch.parse_args(["--adaptive"]).adaptive
 
 
 def test_quantization_flags_exclude_each_other():

@@ -128,6 +128,7 @@ def test_lossless_check_flags_a_broken_method_and_passes_the_engine(engine):
         "eagle2": EngineMethod(engine, "eagle2"),
         "eagle1": EngineMethod(engine, "eagle1"),
         "eagle2_lookup": EngineMethod(engine, "eagle2_lookup"),
+        "eagle2_adaptive": EngineMethod(engine, "eagle2_adaptive"),
         "broken": FlipToken(EngineMethod(engine, "eagle2"), 3, vocab),
         "short": DropLast(EngineMethod(engine, "vanilla")),
     }
@@ -148,7 +149,7 @@ def test_lossless_check_flags_a_broken_method_and_passes_the_engine(engine):
     assert all(d["bug"] and d["margin"] is None for d in by_method["short"])
     assert report["bugs"] == len(broken) + len(by_method["short"])
     # eagle methods: 4 turns each; broken and short stop at their first divergence, turn 0 of each question
-    assert report["compared_turns"] == 4 + 4 + 4 + 3 + 3
+    assert report["compared_turns"] == 4 + 4 + 4 + 4 + 3 + 3
 
     # the same divergences under a huge bound are near-ties, except a shorter output, which never is
     lenient = bench.check_lossless(engine, QUESTIONS, results, bound=1e9, max_new_tokens=SETTINGS.max_new_tokens)
@@ -179,7 +180,7 @@ def test_command_writes_json_markdown_and_chart(saved_tiny, tmp_path):
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
     assert set(report) == {"config", "hardware", "memory", "results", "summary", "lossless"}
-    assert report["config"]["tree"] == {"total_tokens": 12, "depth": 4, "top_k": 3, "lookup": 0}
+    assert report["config"]["tree"] == {"total_tokens": 12, "depth": 4, "top_k": 3, "lookup": 0, "adaptive": False}
     assert report["config"]["dtype"] == "float32" and report["config"]["question_count"] == 3
     for key in ("cpu", "threads", "gpu", "torch", "transformers"):
         assert key in report["hardware"]
@@ -204,12 +205,15 @@ def test_command_writes_json_markdown_and_chart(saved_tiny, tmp_path):
             assert set(phases) == {"prefill_ms", "draft_ms", "verify_ms"} and phases["prefill_ms"] > 0
             assert phases["prefill_ms"] + phases["draft_ms"] + phases["verify_ms"] <= r["wall_s"] * 1000
             assert phases["verify_ms"] > 0 and phases["draft_ms"] > 0  # vanilla's "draft" is its root: tiny, not zero
+            assert 0 <= r["head_cycles"] <= r["cycles"] and (r["head_cycles"] == 0) == (r["method"] == "vanilla")
         else:
-            assert "phase_ms" not in r
+            assert "phase_ms" not in r and "head_cycles" not in r
     eagle2 = report["summary"]["eagle2"]["overall"]
     rows = [r for r in report["results"] if r["method"] == "eagle2"]
     assert eagle2["draft_ms_per_cycle"] == pytest.approx(sum(r["phase_ms"]["draft_ms"] for r in rows) / sum(r["cycles"] for r in rows))
     assert "verify_ms_per_cycle" not in report["summary"]["hf_generate"]["overall"]
+    assert report["summary"]["eagle2"]["overall"]["head_share"] == 1.0  # plain EAGLE-2 drafts every cycle
+    assert report["summary"]["vanilla"]["overall"]["head_share"] == 0.0
     md = out.with_suffix(".md").read_text()
     assert "| eagle2 |" in md and "writing" in md
     assert "Where the engine's time goes" in md and "| hf_generate | " not in md.split("Where the engine's time goes")[1]

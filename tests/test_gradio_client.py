@@ -70,7 +70,7 @@ def test_only_chat_is_public(served):
 
 def test_chat_drafts_with_the_sampling_tree_when_sampling():
     engine = tiny_engine()
-    greedy, sampling = TreeConfig(12, 4, 4), TreeConfig(5, 2, 3)
+    greedy, sampling = TreeConfig(12, 4, 4, adaptive=True), TreeConfig(5, 2, 3)  # the API keeps the whole tree
     used, generate = [], engine.generate
 
     def spy(prompt_ids, config, *args, **kwargs):

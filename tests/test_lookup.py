@@ -5,6 +5,7 @@ import torch
 
 from engine.config import GenerationConfig, SamplingConfig, TreeConfig
 from engine.decode import Engine
+from engine.gate import HeadGate
 from engine.lookup import graft, lookup_chain
 from engine.tree import make_tree
 from tests.test_sampling import P_MIN, VOCAB, exact_tail, gof_pvalue
@@ -90,20 +91,24 @@ def test_greedy_with_lookup_matches_vanilla(head_kind, method, monkeypatch):
         assert copy_cycles > 0
 
 
-@pytest.mark.parametrize("copy_cycle", [False, True], ids=["grafted-branch", "copy-cycle"])
-def test_lookup_sampling_matches_target(copy_cycle, monkeypatch):
-    """A copied branch shares nodes with the head's tree, and a copy cycle verifies the copied chain alone;
-    sampled replies must still follow the target either way."""
+@pytest.mark.parametrize("mode", ["grafted-branch", "copy-cycle", "rested-head"])
+def test_lookup_sampling_matches_target(mode, monkeypatch):
+    """A copied branch shares nodes with the head's tree, and a copy cycle (or a cycle in which the adaptive
+    head rests, engine/gate.py) verifies the copied chain alone; sampled replies must still follow the
+    target either way."""
     model = tiny_model("llama", vocab_size=VOCAB, layers=1, seed=11)
     with torch.no_grad():
         model.lm_head.weight.mul_(0.15)
     engine = Engine(model, tiny_tokenizer(VOCAB), perturbed(oracle_head(model), 1.0, seed=1))
-    if copy_cycle:  # start in a copy stretch, so cycle 1 (which draws x2 and x3) is a copy cycle
+    if mode != "grafted-branch":  # so that cycle 1 (which draws x2 and x3) verifies the copied chain alone
         real_prefill = Engine._prefill
 
         def prefill_then_copy(self, *args):
             state, ms = real_prefill(self, *args)
-            state.copying = True
+            if mode == "copy-cycle":
+                state.copying = True
+            else:
+                state.gate = HeadGate(wait=10**6)
             return state, ms
 
         monkeypatch.setattr(Engine, "_prefill", prefill_then_copy)
@@ -119,6 +124,6 @@ def test_lookup_sampling_matches_target(copy_cycle, monkeypatch):
             if e["type"] == "cycle" and e["tree"] and e["tree"]["lookup_from"] is not None:
                 grafted_accepts += max(e["accepted"]) >= e["tree"]["lookup_from"]
                 copy_cycles += e["tree"]["lookup_from"] == 1
-    assert (copy_cycles > 0.5 * n) == copy_cycle
+    assert (copy_cycles > 0.5 * n) == (mode != "grafted-branch")
     assert grafted_accepts > 0.02 * n, "copied tokens must often be accepted, or the test checks nothing"
     assert gof_pvalue(counts, exact_tail(engine, prompt, sampling)) > P_MIN

@@ -27,6 +27,8 @@ class FakeDrafter(Drafter):
         self.paths: list[tuple[int, ...]] = [()]  # id -> path; id 0 is the root
         self._static = {}
         self.vocab_ids = None
+        self.prune = True
+        self.runs = 0  # draft steps run
 
         class Cache:
             length = 5
@@ -37,6 +39,7 @@ class FakeDrafter(Drafter):
         self.cache = Cache()
 
     def _run(self, tokens, features, positions, scratch_mask):
+        self.runs += 1
         ids = []
         for tok, parent in zip(tokens.tolist(), features[:, 0].long().tolist()):
             self.paths.append(self.paths[parent] + (tok,))
@@ -93,6 +96,26 @@ def test_dynamic_tree_matches_reference(total, depth, k):
     parents, depths = tree.parents.tolist(), tree.depths.tolist()
     for i in range(1, tree.size):
         assert parents[i] < i and depths[i] == depths[parents[i]] + 1
+
+
+def test_pruning_stops_early_without_changing_the_tree():
+    """Once no frontier node beats the budget's last score, deeper levels cannot enter the tree: the
+    pruned drafter stops there and still returns the very tree of the full expansion."""
+    saved = 0
+    for total, depth, k in itertools.product((2, 4, 8, 20), (3, 5, 8), (2, 3, 4)):
+        cfg = TreeConfig(total_tokens=total, depth=depth, top_k=k)
+        trees, runs = [], []
+        for prune in (False, True):
+            drafter = FakeDrafter()
+            drafter.prune = prune
+            trees.append(drafter.dynamic_tree(torch.tensor(7), torch.zeros(2), cfg))
+            runs.append(drafter.runs)
+        full, pruned = trees
+        for name in ("tokens", "parents", "depths", "scores"):
+            assert torch.equal(getattr(full, name), getattr(pruned, name)), (cfg, name)
+        assert runs[0] == depth - 1 and runs[1] <= runs[0]
+        saved += runs[0] - runs[1]
+    assert saved > 0, "pruning never stopped early: the test checks nothing"
 
 
 def test_select_keeps_ancestors_under_ties():
