@@ -66,8 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument(
         "--adaptive", action="store_true",
         help="rest the draft head while its guesses do not pay for their time (on text it cannot predict), "
-        "verifying only the copied branch or one token, and probe it again now and then. Same output. "
-        "Off by default: on this project's 2-core CPU it broke even (README, Performance).",
+        "verifying only the copied branch or one token, and probe it again now and then. Greedy output is "
+        "unchanged. Off by default: on this project's 2-core CPU it broke even (README, Performance).",
     )
     m.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N. Default: auto.")
     m.add_argument(

@@ -18,6 +18,7 @@ from app.pump import pump
 from app.reply import Piece, pieces_from_cycle, render_tinted
 from app.stats import method_label, speedup_line, stats_line
 from engine.config import GenerationConfig
+from engine.decode import common_prefix
 
 WARMUP_TOKENS = 4
 MEASURED_NOTE = (
@@ -137,7 +138,7 @@ def summary(run_a: Run, run_b: Run, greedy: bool) -> str:
         lines.append(f"Texts identical: **yes**, token for token ({len(run_a.end['output_ids'])} tokens).")
     else:
         a, b = run_a.text, run_b.text
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        first = common_prefix(a, b)
         why = (
             "With temperature > 0 each run samples its own tokens, so different texts are expected."
             if not greedy

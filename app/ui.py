@@ -336,7 +336,7 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
                 adaptive = gr.Checkbox(
                     value=t.adaptive, label="Rest the draft head when it does not pay", elem_id="adaptive",
                     info="Where the head's guesses are rarely accepted, verify only the copied branch (or one "
-                    "token) and try the head again now and then. Same text, less time",
+                    "token) and try the head again now and then. Greedy text is unchanged",
                 )
         settings = [max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup, adaptive]
 

@@ -56,7 +56,7 @@ import transformers
 from tqdm import tqdm
 
 from engine.config import GenerationConfig, SamplingConfig, TreeConfig
-from engine.decode import Engine
+from engine.decode import Engine, common_prefix
 from engine.detok import IncrementalDetokenizer
 from engine.kv import new_cache
 from engine.verify import target_forward
@@ -439,10 +439,8 @@ def logit_margin(engine: Engine, prefix_ids: list[int], token_a: int, token_b: i
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
+    same = common_prefix(a, b)
+    return None if same == len(a) == len(b) else same
 
 
 def check_lossless(

@@ -18,7 +18,8 @@ class TreeConfig:
     lookup > 0 adds a prompt-lookup branch of up to that many tokens copied from the context
     (engine/lookup.py) on top of the head's tree; 0 is plain EAGLE.
     adaptive rests the head while its tree does not pay for its time (engine/gate.py): those cycles
-    verify the lookup chain alone, or just the root. Output is unchanged either way.
+    verify the lookup chain alone, or just the root. Greedy output is unchanged; sampled output keeps its
+    distribution, but the same seed can give another reply (the tree depends on measured times).
     """
 
     total_tokens: int = 60

@@ -74,8 +74,8 @@ class DecodeState:
     totals: Totals = field(default_factory=Totals)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading items a and b share."""
+def common_prefix(a, b) -> int:
+    """How many leading items two sequences (token lists, strings) share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -88,7 +88,10 @@ class Draft(NamedTuple):
     tree: Tree  # the tree to verify
     lookup_from: int  # index of its first prompt-lookup node (its size when none)
     chain: list[int]  # the copied tokens hung from its root (empty when none)
-    head: bool  # the head drafted and was fed the pending pairs (copy and skipped cycles leave them pending)
+    # "head": the head was fed the pending pairs and drafted; "copy": a copy stretch, "rest": the adaptive
+    # head rests (both leave the pairs pending); "root": no drafter (vanilla)
+    kind: str
+    feed: tuple | None = None  # stopwatch marks around the head's feed of the pending pairs
 
 
 class Engine:
@@ -226,7 +229,8 @@ class Engine:
     @torch.no_grad()
     def _cycle(self, state: DecodeState, config: GenerationConfig, generator, drafter: Drafter | None, plan: StaticPlan) -> CycleEvent:
         t0 = self.stopwatch.mark()
-        tree, lookup_from, chain, head_fed = self._draft(state, config, drafter, plan)
+        tree, lookup_from, chain, kind, feed = self._draft(state, config, drafter, plan)
+        head_fed = kind == "head"
         t1 = self.stopwatch.mark()
         positions = state.past_len + tree.depths  # (n,)
         # a lone root attends to everything before it: plain causal decoding needs no mask
@@ -257,7 +261,7 @@ class Engine:
         state.pending = drawn[best]
         if drafter is not None:
             pairs = (torch.cat([tree.tokens[path_t[1:]], drawn[best].view(1)]), features[path_t])
-            if not head_fed:  # a copy cycle: the head has not seen the last pairs yet, keep them all
+            if not head_fed:  # a copy or rest cycle: the head has not seen the last pairs yet, keep them all
                 pairs = tuple(torch.cat([old, new]) for old, new in zip(state.pairs, pairs))
             state.pairs = pairs
             state.copying = lookup_from < n and path[-1] >= lookup_from and accepted - 1 >= COPY_RUN
@@ -266,12 +270,13 @@ class Engine:
         draft_ms, verify_ms = self.stopwatch.ms(t0, t1), self.stopwatch.ms(t1, t2)
         state.totals.draft_ms += draft_ms
         state.totals.verify_ms += verify_ms
-        if state.gate is not None:
-            if head_fed:  # siblings are distinct, so the chain alone matches as far as it agrees with the path
-                copied = common_prefix(chain, [tokens[j] for j in path[1:]])
-                state.gate.head_cycle(accepted - 1, copied, draft_ms, verify_ms)
-            else:
-                state.gate.skip_cycle(accepted - 1, draft_ms + verify_ms)
+        if state.gate is not None and kind == "head":
+            # siblings are distinct, so the chain alone matches as far as it agrees with the accepted path;
+            # the head's cost leaves out the feed, which after a rest or a copy stretch is mostly catch-up
+            copied = common_prefix(chain, [tokens[j] for j in path[1:]])
+            state.gate.head_cycle(accepted - 1, copied, draft_ms - self.stopwatch.ms(*feed), verify_ms)
+        elif state.gate is not None and kind == "rest":  # copy stretches are not the gate's to judge
+            state.gate.skip_cycle(accepted - 1, draft_ms + verify_ms)
         view = None
         if config.method != "vanilla":
             rest = packed[d + 1 + n :]
@@ -285,16 +290,18 @@ class Engine:
     def _draft(self, state: DecodeState, config: GenerationConfig, drafter: Drafter | None, plan: StaticPlan) -> Draft:
         room = self.context_length - state.past_len  # cache slots left, the root included
         if drafter is None:
-            return Draft(root_only(state.pending), 1, [], False)
+            return Draft(root_only(state.pending), 1, [], "root")
         lookup = config.tree.lookup
         chain = lookup_chain(state.prompt + state.output, 2 * lookup) if lookup and room > 1 else []
         if state.copying and chain:  # inside a copied stretch the head's tree rarely adds: skip it
             chain = chain[: room - 1]
-            return Draft(*graft(root_only(state.pending), chain), chain, False)
+            return Draft(*graft(root_only(state.pending), chain), chain, "copy")
         if state.gate is not None and not state.gate.use_head():  # the head has not paid lately: rest it
             chain = chain[: min(lookup, room - 1)]
-            return Draft(*graft(root_only(state.pending), chain), chain, False)
+            return Draft(*graft(root_only(state.pending), chain), chain, "rest")
+        feed = (self.stopwatch.mark(),)
         root_hidden = drafter.extend(*state.pairs)  # commit the pending pairs (keeps the head in step)
+        feed += (self.stopwatch.mark(),)
         if config.method == "eagle2" and room >= 2:
             tree_cfg = config.tree
             if tree_cfg.total_tokens > room - 1:
@@ -302,12 +309,12 @@ class Engine:
             tree = drafter.dynamic_tree(state.pending, root_hidden, tree_cfg)
         elif config.method == "eagle1" and len(plan.parents) <= room:
             tree = drafter.static_tree(state.pending, root_hidden, plan)
-        else:
-            return Draft(root_only(state.pending), 1, [], True)  # near the context limit: one token at a time
+        else:  # near the context limit: one token at a time
+            return Draft(root_only(state.pending), 1, [], "head", feed)
         if chain and room > tree.size:
             chain = chain[: min(lookup, room - tree.size)]
-            return Draft(*graft(tree, chain), chain, True)
-        return Draft(tree, tree.size, [], True)
+            return Draft(*graft(tree, chain), chain, "head", feed)
+        return Draft(tree, tree.size, [], "head", feed)
 
     # ---- stopping -----------------------------------------------------------------------------
 

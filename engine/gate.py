@@ -9,7 +9,11 @@ the root and the lookup chain (a plain decoding step when there is no chain) is 
   - `gains`, the last WINDOW head cycles' tokens accepted beyond the lookup chain's own match (the
     verified tree reveals it: the chain's nodes are part of it);
   - `copied`, the lookup chain's tokens accepted per cycle, from both kinds of cycle;
-  - running means of a head cycle's time, and of a lookup-only cycle's time.
+  - running means of a head cycle's time, and of a lookup-only cycle's time. A head cycle's time leaves
+    out the head's feed of the pending pairs: after a rest that feed is mostly the rest's catch-up, and
+    charging it to the head would make every probe look dear. (A head that runs every cycle pays a
+    small feed each time, about 1.5 ms of a 60 ms cycle on the project's CPU, so this leans to the head.)
+Copy stretches (engine/decode.py) are neither: the gate is not asked then, and does not count them.
 With gain the mean of `gains` (at least BURST of them), the head runs while
 (1 + copied + gain) / head_ms >= (1 + copied) / skip_ms. Until a lookup-only cycle has been timed, skip_ms
 is taken as a head cycle's verify time, which overstates it: the gate leans to the head.
@@ -17,7 +21,9 @@ When the head does not pay, the next `wait` cycles skip it, then a probe of BURS
 afresh (the old gains are dropped: the text has moved on) and the rule is applied to those. The wait
 doubles after every probe that still does not pay (PROBE_MIN up to PROBE_MAX) and resets when one does.
 
-Skipping never changes the output: verification is the same, only the tree is smaller. The head's cache
+Greedy output never changes: verification is the same, only the tree is smaller. Sampled output keeps the
+target's distribution, but a seed no longer fixes the reply: the tree, and so which node each random draw
+goes to, now depends on measured times. The head's cache
 stays in step: skipped cycles leave their (token, feature) pairs pending, and the next head cycle feeds
 them all (engine/decode.py).
 """

@@ -118,6 +118,28 @@ def test_pruning_stops_early_without_changing_the_tree():
     assert saved > 0, "pruning never stopped early: the test checks nothing"
 
 
+class TiedDrafter(FakeDrafter):
+    """Every node's log-probs are -1, -2, -3, ...: whole numbers, so scores tie exactly across depths (a
+    depth-2 node at -1 - 1 ties a depth-1 node at -2), which only the rerank's stable order settles."""
+
+    def _logprobs(self, hidden):
+        return -torch.arange(1.0, V + 1).expand(hidden.shape[0], V)
+
+
+@pytest.mark.parametrize("total,depth,k", [(2, 4, 2), (3, 4, 2), (4, 5, 3), (6, 5, 3), (7, 6, 4), (12, 6, 4)])
+def test_pruning_under_exact_ties_keeps_the_tree(total, depth, k):
+    cfg = TreeConfig(total_tokens=total, depth=depth, top_k=k)
+    trees, runs = [], []
+    for prune in (False, True):
+        drafter = TiedDrafter()
+        drafter.prune = prune
+        trees.append(drafter.dynamic_tree(torch.tensor(7), torch.zeros(2), cfg))
+        runs.append(drafter.runs)
+    for name in ("tokens", "parents", "depths", "scores"):
+        assert torch.equal(getattr(trees[0], name), getattr(trees[1], name)), name
+    assert runs[1] < runs[0]  # the frontier ties the cut from depth 2 on: the pruned drafter stops
+
+
 def test_select_keeps_ancestors_under_ties():
     # all scores equal: stable order must still keep every kept node's parent
     m = 30

@@ -1,0 +1,54 @@
+"""The EAGLE-2 drafter with and without its early stop (engine/draft.py `_settled`), on the same questions:
+the replies must be identical, and the engine's stopwatch gives the drafting time per cycle. One question
+per category (the 4th of each in the file), first turn, 128 new tokens, bf16, two rounds alternating.
+
+    python docs/results/prune_ab.py --questions ../shared/data/benchmarks/spec_bench/question.jsonl
+"""
+
+import argparse
+import json
+
+import torch
+
+from engine.config import GenerationConfig, TreeConfig
+from engine.decode import Engine
+from engine.draft import Drafter
+from engine.head import load_head
+from engine.models import ModelSpec, default_head_path, load_target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--questions", required=True)
+    parser.add_argument("--tree", default="8,4,4", help="TOTAL,DEPTH,TOPK (default: the tree tuned on the project's CPU)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    model, tokenizer = load_target(ModelSpec(dtype="bfloat16"))
+    engine = Engine(model, tokenizer, load_head(default_head_path(), model))
+    questions = [json.loads(line) for line in open(args.questions, encoding="utf-8") if line.strip()]
+    categories = dict.fromkeys(q["category"] for q in questions)
+    chosen = [[q for q in questions if q["category"] == c][3] for c in categories]
+    prompts = [engine.chat_ids([{"role": "user", "content": q["turns"][0]}]) for q in chosen]
+    config = GenerationConfig(method="eagle2", max_new_tokens=args.max_new_tokens, tree=TreeConfig(*map(int, args.tree.split(","))))
+    init = Drafter.__init__
+    replies = {}
+    for round_ in (1, 2):
+        for prune in (False, True):
+            def drafter_init(self, *a, prune=prune, **k):
+                init(self, *a, **k)
+                self.prune = prune
+
+            Drafter.__init__ = drafter_init
+            ends = [list(engine.generate(ids, config))[-1] for ids in prompts]
+            cycles = sum(e["totals"]["cycles"] for e in ends)
+            draft_ms = sum(e["totals"]["draft_ms"] for e in ends) / cycles
+            replies.setdefault(prune, [e["output_ids"] for e in ends])
+            label = "early stop" if prune else "full depth"
+            print(f"round {round_}, {label}: {draft_ms:.2f} ms drafting per cycle over {cycles} cycles", flush=True)
+    Drafter.__init__ = init
+    print("identical replies:", replies[False] == replies[True])
+
+
+if __name__ == "__main__":
+    main()
