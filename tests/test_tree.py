@@ -98,23 +98,25 @@ def test_dynamic_tree_matches_reference(total, depth, k):
         assert parents[i] < i and depths[i] == depths[parents[i]] + 1
 
 
+def full_and_pruned(drafter_class, cfg: TreeConfig) -> int:
+    """Grow the tree with and without the early stop; assert they are the same tree, return steps saved."""
+    trees, runs = [], []
+    for prune in (False, True):
+        drafter = drafter_class()
+        drafter.prune = prune
+        trees.append(drafter.dynamic_tree(torch.tensor(7), torch.zeros(2), cfg))
+        runs.append(drafter.runs)
+    for name in ("tokens", "parents", "depths", "scores"):
+        assert torch.equal(getattr(trees[0], name), getattr(trees[1], name)), (cfg, name)
+    assert runs[0] == cfg.depth - 1 and runs[1] <= runs[0]
+    return runs[0] - runs[1]
+
+
 def test_pruning_stops_early_without_changing_the_tree():
     """Once no frontier node beats the budget's last score, deeper levels cannot enter the tree: the
     pruned drafter stops there and still returns the very tree of the full expansion."""
-    saved = 0
-    for total, depth, k in itertools.product((2, 4, 8, 20), (3, 5, 8), (2, 3, 4)):
-        cfg = TreeConfig(total_tokens=total, depth=depth, top_k=k)
-        trees, runs = [], []
-        for prune in (False, True):
-            drafter = FakeDrafter()
-            drafter.prune = prune
-            trees.append(drafter.dynamic_tree(torch.tensor(7), torch.zeros(2), cfg))
-            runs.append(drafter.runs)
-        full, pruned = trees
-        for name in ("tokens", "parents", "depths", "scores"):
-            assert torch.equal(getattr(full, name), getattr(pruned, name)), (cfg, name)
-        assert runs[0] == depth - 1 and runs[1] <= runs[0]
-        saved += runs[0] - runs[1]
+    shapes = itertools.product((2, 4, 8, 20), (3, 5, 8), (2, 3, 4))
+    saved = sum(full_and_pruned(FakeDrafter, TreeConfig(total, depth, k)) for total, depth, k in shapes)
     assert saved > 0, "pruning never stopped early: the test checks nothing"
 
 
@@ -128,16 +130,8 @@ class TiedDrafter(FakeDrafter):
 
 @pytest.mark.parametrize("total,depth,k", [(2, 4, 2), (3, 4, 2), (4, 5, 3), (6, 5, 3), (7, 6, 4), (12, 6, 4)])
 def test_pruning_under_exact_ties_keeps_the_tree(total, depth, k):
-    cfg = TreeConfig(total_tokens=total, depth=depth, top_k=k)
-    trees, runs = [], []
-    for prune in (False, True):
-        drafter = TiedDrafter()
-        drafter.prune = prune
-        trees.append(drafter.dynamic_tree(torch.tensor(7), torch.zeros(2), cfg))
-        runs.append(drafter.runs)
-    for name in ("tokens", "parents", "depths", "scores"):
-        assert torch.equal(getattr(trees[0], name), getattr(trees[1], name)), name
-    assert runs[1] < runs[0]  # the frontier ties the cut from depth 2 on: the pruned drafter stops
+    # the frontier ties the cut from depth 2 on: the pruned drafter stops early
+    assert full_and_pruned(TiedDrafter, TreeConfig(total, depth, k)) > 0
 
 
 def test_select_keeps_ancestors_under_ties():
