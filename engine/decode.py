@@ -91,7 +91,7 @@ class Draft(NamedTuple):
     # "head": the head was fed the pending pairs and drafted; "copy": a copy stretch, "rest": the adaptive
     # head rests (both leave the pairs pending); "root": no drafter (vanilla)
     kind: str
-    feed: tuple | None = None  # stopwatch marks around the head's feed of the pending pairs
+    feed: tuple | None = None  # stopwatch marks around the head's feed of the pending pairs (adaptive only)
 
 
 class Engine:
@@ -299,9 +299,10 @@ class Engine:
         if state.gate is not None and not state.gate.use_head():  # the head has not paid lately: rest it
             chain = chain[: min(lookup, room - 1)]
             return Draft(*graft(root_only(state.pending), chain), chain, "rest")
-        feed = (self.stopwatch.mark(),)
+        timed = state.gate is not None  # only the gate reads the feed's time: no extra marks without it
+        feed = (self.stopwatch.mark(),) if timed else None
         root_hidden = drafter.extend(*state.pairs)  # commit the pending pairs (keeps the head in step)
-        feed += (self.stopwatch.mark(),)
+        feed = feed + (self.stopwatch.mark(),) if timed else None
         if config.method == "eagle2" and room >= 2:
             tree_cfg = config.tree
             if tree_cfg.total_tokens > room - 1:
