@@ -19,15 +19,25 @@ How the measurement stays fair:
     divides it by vanilla's over the same questions.
   - `cycles` counts target forwards after the prefill; `tau` = (new tokens - turns) / cycles, the mean
     tokens committed per forward (the engine's definition), for the transformers baselines too.
+  - In bf16 or fp16 a near-tie can send two methods' replies apart (see the audit below), and from there
+    on they time different text: one reply may end early, another run into a long repetition that prompt
+    lookup copies at many tokens per step. So every method also records when each of its tokens reached
+    the host, and `matched` compares each method with vanilla and the baselines over the text both
+    replies share: per turn, the time from each reply's first token to the last token of their common
+    prefix. Same tokens, same work; only the speed differs.
 
 Result JSON (field names are stable, scripts read them):
   config, hardware, memory, results: [{question_id, category, method, turns, new_tokens, wall_s, cycles,
   tau, output_ids (one list per turn), text (one string per turn), finish_reasons, and for this engine's
   methods phase_ms {prefill_ms, draft_ms, verify_ms}, its stopwatch's split of the time, and head_cycles,
-  the cycles in which the draft head drafted}],
+  the cycles in which the draft head drafted; emit_marks, per turn a list of [tokens so far, seconds since
+  the call began] after every target forward}],
   summary: {method: {overall: {...}, per_category: {category: {...}}, peak_memory_mb}} where each {...}
   holds tokens_per_s, speedup_vs_vanilla, tau, new_tokens, wall_s (engine methods also draft_ms_per_cycle,
-  verify_ms_per_cycle, prefill_ms_per_turn, head_share); and `lossless` with --check-lossless.
+  verify_ms_per_cycle, prefill_ms_per_turn, head_share);
+  matched: [{method, against, overall: {...}, per_category: {category: {...}}}] where each {...} holds
+  turns, tokens (shared tokens after each turn's first), method_s, against_s (seconds each took for them)
+  and speedup (against_s / method_s); and `lossless` with --check-lossless.
 A markdown table (RESULT.md) and a chart of speedup per category (RESULT.png) are written beside it.
 Every answer is also saved as it finishes in RESULT.partial.jsonl (removed at the end): after a crash
 or a kill, the same command with `--resume` reuses those answers and runs only the rest.
@@ -54,6 +64,7 @@ from typing import Protocol
 import torch
 import transformers
 from tqdm import tqdm
+from transformers.generation.streamers import BaseStreamer
 
 from engine.config import GenerationConfig, SamplingConfig, TreeConfig
 from engine.decode import Engine, common_prefix
@@ -135,6 +146,7 @@ class TurnOutput:
     finish_reason: str
     phase_ms: dict[str, float] | None = None  # engine methods: prefill_ms, draft_ms, verify_ms (the engine's stopwatch)
     head_cycles: int | None = None  # engine methods: cycles in which the draft head drafted
+    marks: list[list] = field(default_factory=list)  # [tokens so far, seconds since the start] per forward
 
 
 class Method(Protocol):
@@ -163,13 +175,34 @@ class EngineMethod:
             seed=settings.seed,
         )
         start = time.perf_counter()
-        end = None
+        end, marks = None, []
         for event in self.engine.generate(prompt_ids, config):
+            if event["type"] == "cycle":  # its tokens are on the host: the engine syncs every cycle
+                marks.append([event["totals"]["new_tokens"], time.perf_counter() - start])
             end = event
-        wall_s = time.perf_counter() - start  # the engine syncs every cycle: no work is left queued
+        wall_s = time.perf_counter() - start
         phase_ms = {k: end["totals"][k] for k in PHASES}
         totals = end["totals"]
-        return TurnOutput(end["output_ids"], end["text"], wall_s, totals["cycles"], end["finish_reason"], phase_ms, totals["head_cycles"])
+        return TurnOutput(
+            end["output_ids"], end["text"], wall_s, totals["cycles"], end["finish_reason"], phase_ms, totals["head_cycles"], marks
+        )
+
+
+class EmitClock(BaseStreamer):
+    """A streamer for `generate` that marks [tokens so far, seconds since `start`] as tokens reach the host."""
+
+    def __init__(self, start: float):
+        self.start, self.marks, self.count, self.prompt_seen = start, [], 0, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate hands the streamer the prompt first
+            self.prompt_seen = True
+            return
+        self.count += value.numel()
+        self.marks.append([self.count, time.perf_counter() - self.start])
+
+    def end(self) -> None:
+        pass
 
 
 class HFGenerateMethod:
@@ -201,7 +234,8 @@ class HFGenerateMethod:
             if not settings.sampling.greedy:
                 torch.manual_seed(settings.seed)
             start = time.perf_counter()
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+            clock = EmitClock(start)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=clock)
             new_ids = out[0, len(prompt_ids) :].tolist()  # the host sync ends the timed region
             wall_s = time.perf_counter() - start
         finally:
@@ -210,7 +244,7 @@ class HFGenerateMethod:
         detok = IncrementalDetokenizer(self.engine.tokenizer)
         detok.add([t for t in new_ids if t not in eos])
         reason = "eos" if new_ids and new_ids[-1] in eos else "max_new_tokens"
-        return TurnOutput(new_ids, detok.text, wall_s, max(forwards[0] - 1, 0), reason)
+        return TurnOutput(new_ids, detok.text, wall_s, max(forwards[0] - 1, 0), reason, marks=clock.marks)
 
 
 def build_methods(engine: Engine, names: list[str]) -> dict[str, Method]:
@@ -271,6 +305,7 @@ def answer_question(engine: Engine, method: Method, name: str, question: dict, s
         "output_ids": [o.output_ids for o in outputs],
         "text": [o.text for o in outputs],
         "finish_reasons": [o.finish_reason for o in outputs],
+        "emit_marks": [o.marks for o in outputs],
         **phases,
     }
 
@@ -419,6 +454,59 @@ def summarize(results: list[dict], memory_mb: dict[str, float] | None = None) ->
     return summary
 
 
+def _time_to(marks: list[list], tokens: int) -> float:
+    """Seconds until a reply had at least `tokens` tokens on the host."""
+    return next(t for n, t in marks if n >= tokens)
+
+
+def _matched_stats(pairs: list[tuple[dict, dict, int]]) -> dict:
+    """Totals over (method row, against row, turn) of the shared tokens after each turn's first, and the
+    seconds each reply took for them (from its first token to the last shared one)."""
+    tokens, method_s, against_s = 0, 0.0, 0.0
+    for a, b, turn in pairs:
+        shared = common_prefix(a["output_ids"][turn], b["output_ids"][turn])
+        if shared < 2:
+            continue
+        tokens += shared - 1
+        for row, clock in ((a, "method"), (b, "against")):
+            marks = row["emit_marks"][turn]
+            seconds = _time_to(marks, shared) - _time_to(marks, 1)
+            if clock == "method":
+                method_s += seconds
+            else:
+                against_s += seconds
+    speedup = against_s / method_s if method_s > 0 else None
+    return {"turns": len(pairs), "tokens": tokens, "method_s": method_s, "against_s": against_s, "speedup": speedup}
+
+
+def matched_speedups(results: list[dict]) -> list[dict]:
+    """Each of this engine's methods against vanilla and each baseline, timed over the text both replies
+    share (per turn).
+
+    Rows without emit marks (answers resumed from an older checkpoint) are left out."""
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    rows = {(r["question_id"], r["method"]): r for r in results if "emit_marks" in r}
+    against = [m for m in methods if m == "vanilla" or m in BASELINES]
+    out = []
+    for method in methods:
+        for other in against:
+            if other == method or method in BASELINES:  # this engine's methods against the others
+                continue
+            pairs = {}  # category -> [(method row, against row, turn)]
+            for (qid, name), row in rows.items():
+                twin = rows.get((qid, other))
+                if name == method and twin is not None:
+                    pairs.setdefault(row["category"], []).extend((row, twin, t) for t in range(row["turns"]))
+            if pairs:
+                out.append({
+                    "method": method,
+                    "against": other,
+                    "overall": _matched_stats([p for ps in pairs.values() for p in ps]),
+                    "per_category": {c: _matched_stats(ps) for c, ps in pairs.items()},
+                })
+    return out
+
+
 # ---- losslessness -------------------------------------------------------------------------------
 
 
@@ -545,6 +633,20 @@ def markdown_report(report: dict) -> str:
         cells = [_fmt(s["overall"]["speedup_vs_vanilla"], ".2f", "x")]
         cells += [_fmt(s["per_category"].get(c, {}).get("speedup_vs_vanilla"), ".2f", "x") for c in categories]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    matched = report.get("matched") or []
+    if matched:
+        lines += [
+            "",
+            "Speedup on the same text: per turn, each pair of replies timed from its first token to the end of",
+            "the tokens both share (after a near-tie sends them apart, they are no longer the same work):",
+            "",
+            "| method | against | overall | " + " | ".join(categories) + " |",
+            "|---|---|" + "---:|" * (len(categories) + 1),
+        ]
+        for m in matched:
+            cells = [_fmt(m["overall"]["speedup"], ".2f", "x")]
+            cells += [_fmt(m["per_category"].get(c, {}).get("speedup"), ".2f", "x") for c in categories]
+            lines.append(f"| {m['method']} | {m['against']} | " + " | ".join(cells) + " |")
     timed = {m: s["overall"] for m, s in summary.items() if "verify_ms_per_cycle" in s["overall"]}
     if timed:
         lines += ["", "Where the engine's time goes (ms; a cycle is one draft plus one verify):", ""]
@@ -763,6 +865,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory": {"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": memory.peak_mb or None},
         "results": results,
         "summary": summarize(results, memory.peak_mb),
+        "matched": matched_speedups(results),
     }
     if args.check_lossless:
         report["lossless"] = check_lossless(engine, questions, results, bound, args.max_new_tokens)

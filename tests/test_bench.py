@@ -97,6 +97,45 @@ def test_transformers_baselines_count_forwards_and_match_vanilla(engine):
     assert plain.text == vanilla.text
     assert plain.cycles == vanilla.cycles == len(plain.output_ids) - 1  # one forward per token
     assert lookup.cycles < plain.cycles  # the tiny model's reply repeats itself: lookups hit
+    # every forward marks when its tokens reached the host: one mark per token without drafts, fewer with
+    for out in (vanilla, plain, lookup):
+        counts, times = zip(*out.marks)
+        assert counts[-1] == len(out.output_ids) and list(counts) == sorted(set(counts))
+        assert list(times) == sorted(times) and 0 < times[-1] <= out.wall_s
+    assert [n for n, _ in plain.marks] == [n for n, _ in vanilla.marks] == list(range(1, len(plain.output_ids) + 1))
+    assert len(lookup.marks) == lookup.cycles + 1
+
+
+def test_matched_speedup_times_each_pair_over_the_text_both_replies_share():
+    def row(method, qid, category, ids, marks):
+        return {"question_id": qid, "category": category, "method": method, "turns": len(ids), "output_ids": ids,
+                "emit_marks": marks}  # fmt: skip
+
+    steady = [[n, n / 10] for n in range(1, 7)]  # one token every 0.1 s
+    results = [
+        row("vanilla", 1, "a", [[1, 2, 3, 4, 5, 6]], [steady]),
+        # shares 4 tokens with vanilla; the 4th arrives with the 5th at 0.2 s
+        row("eagle2", 1, "a", [[1, 2, 3, 4, 9, 9]], [[[1, 0.1], [3, 0.15], [5, 0.2], [6, 0.25]]]),
+        row("hf_prompt_lookup", 1, "a", [[1, 2, 3, 4, 5, 6]], [[[1, 0.1], [6, 0.35]]]),
+        row("vanilla", 2, "b", [[7, 8, 9]], [steady[:3]]),
+        row("eagle2", 2, "b", [[8, 8, 9]], [[[1, 0.1], [3, 0.2]]]),  # differs at once: nothing shared
+        row("hf_prompt_lookup", 2, "b", [[7, 8, 9]], [[[1, 0.1], [3, 0.2]]]),
+    ]
+    matched = {(m["method"], m["against"]): m for m in bench.matched_speedups(results)}
+    assert set(matched) == {("eagle2", "vanilla"), ("eagle2", "hf_prompt_lookup"), ("vanilla", "hf_prompt_lookup")}
+    e2 = matched["eagle2", "vanilla"]
+    assert e2["per_category"]["a"] == pytest.approx(
+        {"turns": 1, "tokens": 3, "method_s": 0.1, "against_s": 0.3, "speedup": 3.0}
+    )
+    assert e2["per_category"]["b"]["tokens"] == 0 and e2["per_category"]["b"]["speedup"] is None
+    assert e2["overall"]["speedup"] == pytest.approx(3.0) and e2["overall"]["turns"] == 2
+    # against the lookup baseline on the same 4 tokens: its 4th came at 0.35 s
+    assert matched["eagle2", "hf_prompt_lookup"]["overall"]["speedup"] == pytest.approx(0.25 / 0.1)
+    base = matched["vanilla", "hf_prompt_lookup"]["overall"]
+    assert base["tokens"] == 5 + 2 and base["speedup"] == pytest.approx((0.25 + 0.1) / (0.5 + 0.2))
+    # rows from a checkpoint written before emit marks existed are left out, not guessed
+    old = [{k: v for k, v in r.items() if k != "emit_marks"} if r["method"] == "eagle2" else r for r in results]
+    assert {(m["method"], m["against"]) for m in bench.matched_speedups(old)} == {("vanilla", "hf_prompt_lookup")}
 
 
 class FlipToken:
@@ -179,7 +218,7 @@ def test_command_writes_json_markdown_and_chart(saved_tiny, tmp_path):
     ]  # fmt: skip
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
-    assert set(report) == {"config", "hardware", "memory", "results", "summary", "lossless"}
+    assert set(report) == {"config", "hardware", "memory", "results", "summary", "lossless", "matched"}
     assert report["config"]["tree"] == {"total_tokens": 12, "depth": 4, "top_k": 3, "lookup": 0, "adaptive": False}
     assert report["config"]["dtype"] == "float32" and report["config"]["question_count"] == 3
     for key in ("cpu", "threads", "gpu", "torch", "transformers"):
@@ -214,8 +253,17 @@ def test_command_writes_json_markdown_and_chart(saved_tiny, tmp_path):
     assert "verify_ms_per_cycle" not in report["summary"]["hf_generate"]["overall"]
     assert report["summary"]["eagle2"]["overall"]["head_share"] == 1.0  # plain EAGLE-2 drafts every cycle
     assert report["summary"]["vanilla"]["overall"]["head_share"] == 0.0
+    # fp32: every reply is the same text, so each pair is timed over all of it but each turn's first token
+    pairs = {(m["method"], m["against"]): m for m in report["matched"]}
+    against = ("vanilla",) + bench.BASELINES
+    assert set(pairs) == {(m, a) for m in bench.ENGINE_METHODS for a in against if m != a}
+    shared = sum(len(ids) - 1 for r in report["results"] if r["method"] == "vanilla" for ids in r["output_ids"])
+    for m in pairs.values():
+        assert m["overall"]["tokens"] == shared and m["overall"]["speedup"] > 0
+        assert set(m["per_category"]) == {"writing", "qa"}
     md = out.with_suffix(".md").read_text()
     assert "| eagle2 |" in md and "writing" in md
+    assert "| eagle2_lookup | hf_prompt_lookup |" in md.split("Speedup on the same text")[1]
     assert "Where the engine's time goes" in md and "| hf_generate | " not in md.split("Where the engine's time goes")[1]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
