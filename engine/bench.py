@@ -24,7 +24,8 @@ How the measurement stays fair:
     lookup copies at many tokens per step. So every method also records when each of its tokens reached
     the host, and `matched` compares each method with vanilla and the baselines over the text both
     replies share: per turn, the time from each reply's first token to the last token of their common
-    prefix. Same tokens, same work; only the speed differs.
+    prefix. Same tokens, same work; only the speed differs. (Greedy runs only: sampled replies differ by
+    design, so `matched` is empty when sampling.)
 
 Result JSON (field names are stable, scripts read them):
   config, hardware, memory, results: [{question_id, category, method, turns, new_tokens, wall_s, cycles,
@@ -481,7 +482,7 @@ def _matched_stats(pairs: list[tuple[dict, dict, int]]) -> dict:
 
 def matched_speedups(results: list[dict]) -> list[dict]:
     """Each of this engine's methods against vanilla and each baseline, timed over the text both replies
-    share (per turn).
+    share (per turn; a later turn only where every earlier reply was the same, so that the prompt is).
 
     Rows without emit marks (answers resumed from an older checkpoint) are left out."""
     methods = list(dict.fromkeys(r["method"] for r in results))
@@ -495,8 +496,9 @@ def matched_speedups(results: list[dict]) -> list[dict]:
             pairs = {}  # category -> [(method row, against row, turn)]
             for (qid, name), row in rows.items():
                 twin = rows.get((qid, other))
-                if name == method and twin is not None:
-                    pairs.setdefault(row["category"], []).extend((row, twin, t) for t in range(row["turns"]))
+                if name == method and twin is not None:  # a later turn counts only after the same history
+                    same = [t for t in range(row["turns"]) if row["output_ids"][:t] == twin["output_ids"][:t]]
+                    pairs.setdefault(row["category"], []).extend((row, twin, t) for t in same)
             if pairs:
                 out.append({
                     "method": method,
@@ -865,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory": {"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": memory.peak_mb or None},
         "results": results,
         "summary": summarize(results, memory.peak_mb),
-        "matched": matched_speedups(results),
+        "matched": matched_speedups(results) if sampling.greedy else [],  # sampled replies differ by design
     }
     if args.check_lossless:
         report["lossless"] = check_lossless(engine, questions, results, bound, args.max_new_tokens)

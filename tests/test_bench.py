@@ -120,6 +120,9 @@ def test_matched_speedup_times_each_pair_over_the_text_both_replies_share():
         row("vanilla", 2, "b", [[7, 8, 9]], [steady[:3]]),
         row("eagle2", 2, "b", [[8, 8, 9]], [[[1, 0.1], [3, 0.2]]]),  # differs at once: nothing shared
         row("hf_prompt_lookup", 2, "b", [[7, 8, 9]], [[[1, 0.1], [3, 0.2]]]),
+        # a second turn after different first replies has a different prompt: not the same work, left out
+        row("vanilla", 3, "b", [[7], [1, 2, 3]], [steady[:1], steady[:3]]),
+        row("eagle2", 3, "b", [[8], [1, 2, 3]], [steady[:1], [[3, 0.1]]]),
     ]
     matched = {(m["method"], m["against"]): m for m in bench.matched_speedups(results)}
     assert set(matched) == {("eagle2", "vanilla"), ("eagle2", "hf_prompt_lookup"), ("vanilla", "hf_prompt_lookup")}
@@ -128,7 +131,7 @@ def test_matched_speedup_times_each_pair_over_the_text_both_replies_share():
         {"turns": 1, "tokens": 3, "method_s": 0.1, "against_s": 0.3, "speedup": 3.0}
     )
     assert e2["per_category"]["b"]["tokens"] == 0 and e2["per_category"]["b"]["speedup"] is None
-    assert e2["overall"]["speedup"] == pytest.approx(3.0) and e2["overall"]["turns"] == 2
+    assert e2["overall"]["speedup"] == pytest.approx(3.0) and e2["overall"]["turns"] == 3
     # against the lookup baseline on the same 4 tokens: its 4th came at 0.35 s
     assert matched["eagle2", "hf_prompt_lookup"]["overall"]["speedup"] == pytest.approx(0.25 / 0.1)
     base = matched["vanilla", "hf_prompt_lookup"]["overall"]
