@@ -23,8 +23,8 @@ How the measurement stays fair:
     on they time different text: one reply may end early, another run into a long repetition that prompt
     lookup copies at many tokens per step. So every method also records when each of its tokens reached
     the host, and `matched` compares each method with vanilla and the baselines over the text both
-    replies share: per turn, the time from each reply's first token to the last token of their common
-    prefix. Same tokens, same work; only the speed differs. (Greedy runs only: sampled replies differ by
+    replies share: per turn, the time from the start of each call (prefill included) until the last token
+    of their common prefix reached the host. Same tokens, same work; only the speed differs. (Greedy runs only: sampled replies differ by
     design, so `matched` is empty when sampling.)
 
 Result JSON (field names are stable, scripts read them):
@@ -37,7 +37,7 @@ Result JSON (field names are stable, scripts read them):
   holds tokens_per_s, speedup_vs_vanilla, tau, new_tokens, wall_s (engine methods also draft_ms_per_cycle,
   verify_ms_per_cycle, prefill_ms_per_turn, head_share);
   matched: [{method, against, overall: {...}, per_category: {category: {...}}}] where each {...} holds
-  turns, tokens (shared tokens after each turn's first), method_s, against_s (seconds each took for them)
+  turns, tokens (the shared tokens), method_s, against_s (seconds each call took to deliver them)
   and speedup (against_s / method_s); and `lossless` with --check-lossless.
 A markdown table (RESULT.md) and a chart of speedup per category (RESULT.png) are written beside it.
 Every answer is also saved as it finishes in RESULT.partial.jsonl (removed at the end): after a crash
@@ -461,21 +461,16 @@ def _time_to(marks: list[list], tokens: int) -> float:
 
 
 def _matched_stats(pairs: list[tuple[dict, dict, int]]) -> dict:
-    """Totals over (method row, against row, turn) of the shared tokens after each turn's first, and the
-    seconds each reply took for them (from its first token to the last shared one)."""
+    """Totals over (method row, against row, turn) of the shared tokens and the seconds each call took to
+    deliver them (from its start, prefill included: a first forward may bring several tokens at once)."""
     tokens, method_s, against_s = 0, 0.0, 0.0
     for a, b, turn in pairs:
         shared = common_prefix(a["output_ids"][turn], b["output_ids"][turn])
-        if shared < 2:
+        if shared == 0:
             continue
-        tokens += shared - 1
-        for row, clock in ((a, "method"), (b, "against")):
-            marks = row["emit_marks"][turn]
-            seconds = _time_to(marks, shared) - _time_to(marks, 1)
-            if clock == "method":
-                method_s += seconds
-            else:
-                against_s += seconds
+        tokens += shared
+        method_s += _time_to(a["emit_marks"][turn], shared)
+        against_s += _time_to(b["emit_marks"][turn], shared)
     speedup = against_s / method_s if method_s > 0 else None
     return {"turns": len(pairs), "tokens": tokens, "method_s": method_s, "against_s": against_s, "speedup": speedup}
 
@@ -639,8 +634,8 @@ def markdown_report(report: dict) -> str:
     if matched:
         lines += [
             "",
-            "Speedup on the same text: per turn, each pair of replies timed from its first token to the end of",
-            "the tokens both share (after a near-tie sends them apart, they are no longer the same work):",
+            "Speedup on the same text: per turn, each pair of calls timed until the last token both replies",
+            "share reached the host (after a near-tie sends two replies apart, they are no longer the same work):",
             "",
             "| method | against | overall | " + " | ".join(categories) + " |",
             "|---|---|" + "---:|" * (len(categories) + 1),
