@@ -22,10 +22,14 @@ How the measurement stays fair:
   - In bf16 or fp16 a near-tie can send two methods' replies apart (see the audit below), and from there
     on they time different text: one reply may end early, another run into a long repetition that prompt
     lookup copies at many tokens per step. So every method also records when each of its tokens reached
-    the host, and `matched` compares each method with vanilla and the baselines over the text both
-    replies share: per turn, the time from the start of each call (prefill included) until the last token
-    of their common prefix reached the host. Same tokens, same work; only the speed differs. (Greedy runs only: sampled replies differ by
-    design, so `matched` is empty when sampling.)
+    the host, and `matched` times each of this engine's methods against vanilla and each baseline over
+    the text both replies share: per turn, from the start of each call (prefill included) until the last
+    token of their common prefix reached the host. Same output tokens from the same prompt; only the speed
+    differs. Each pair is timed over its own shared text, so compare within a row, not across rows.
+    Greedy runs only (sampled replies differ by design). Small leanings, all under a millisecond a step:
+    the baselines' streamer copies each step's tokens to the host (their `wall_s` includes it), the
+    engine's marks come after its event is built, and a chunk that runs past the shared text is paid for
+    whole. On Apple's mps, transformers streams one step late, so the baselines' marks lag there.
 
 Result JSON (field names are stable, scripts read them):
   config, hardware, memory, results: [{question_id, category, method, turns, new_tokens, wall_s, cycles,
@@ -37,7 +41,8 @@ Result JSON (field names are stable, scripts read them):
   holds tokens_per_s, speedup_vs_vanilla, tau, new_tokens, wall_s (engine methods also draft_ms_per_cycle,
   verify_ms_per_cycle, prefill_ms_per_turn, head_share);
   matched: [{method, against, overall: {...}, per_category: {category: {...}}}] where each {...} holds
-  turns, tokens (the shared tokens), method_s, against_s (seconds each call took to deliver them)
+  turns (compared: same prompt), shared_turns (of those, the ones whose replies share a first token),
+  tokens (the shared tokens), method_s, against_s (seconds each call took to deliver them)
   and speedup (against_s / method_s); and `lossless` with --check-lossless.
 A markdown table (RESULT.md) and a chart of speedup per category (RESULT.png) are written beside it.
 Every answer is also saved as it finishes in RESULT.partial.jsonl (removed at the end): after a crash
@@ -179,7 +184,7 @@ class EngineMethod:
         end, marks = None, []
         for event in self.engine.generate(prompt_ids, config):
             if event["type"] == "cycle":  # its tokens are on the host: the engine syncs every cycle
-                marks.append([event["totals"]["new_tokens"], time.perf_counter() - start])
+                marks.append([event["totals"]["new_tokens"], round(time.perf_counter() - start, 5)])
             end = event
         wall_s = time.perf_counter() - start
         phase_ms = {k: end["totals"][k] for k in PHASES}
@@ -200,7 +205,7 @@ class EmitClock(BaseStreamer):
             self.prompt_seen = True
             return
         self.count += value.numel()
-        self.marks.append([self.count, time.perf_counter() - self.start])
+        self.marks.append([self.count, round(time.perf_counter() - self.start, 5)])
 
     def end(self) -> None:
         pass
@@ -455,24 +460,30 @@ def summarize(results: list[dict], memory_mb: dict[str, float] | None = None) ->
     return summary
 
 
-def _time_to(marks: list[list], tokens: int) -> float:
-    """Seconds until a reply had at least `tokens` tokens on the host."""
-    return next(t for n, t in marks if n >= tokens)
+def _time_to(marks: list[list], tokens: int) -> float | None:
+    """Seconds until a reply had at least `tokens` tokens on the host (None if its marks never got there)."""
+    return next((t for n, t in marks if n >= tokens), None)
 
 
 def _matched_stats(pairs: list[tuple[dict, dict, int]]) -> dict:
     """Totals over (method row, against row, turn) of the shared tokens and the seconds each call took to
     deliver them (from its start, prefill included: a first forward may bring several tokens at once)."""
-    tokens, method_s, against_s = 0, 0.0, 0.0
+    tokens, method_s, against_s, shared_turns = 0, 0.0, 0.0, 0
     for a, b, turn in pairs:
         shared = common_prefix(a["output_ids"][turn], b["output_ids"][turn])
-        if shared == 0:
+        times = [_time_to(row["emit_marks"][turn], shared) for row in (a, b)]
+        if shared == 0 or None in times:  # nothing shared (or marks cut short: nothing to time)
             continue
-        tokens += shared
-        method_s += _time_to(a["emit_marks"][turn], shared)
-        against_s += _time_to(b["emit_marks"][turn], shared)
-    speedup = against_s / method_s if method_s > 0 else None
-    return {"turns": len(pairs), "tokens": tokens, "method_s": method_s, "against_s": against_s, "speedup": speedup}
+        tokens, shared_turns = tokens + shared, shared_turns + 1
+        method_s, against_s = method_s + times[0], against_s + times[1]
+    return {
+        "turns": len(pairs),
+        "shared_turns": shared_turns,
+        "tokens": tokens,
+        "method_s": method_s,
+        "against_s": against_s,
+        "speedup": against_s / method_s if method_s > 0 else None,
+    }
 
 
 def matched_speedups(results: list[dict]) -> list[dict]:
@@ -635,7 +646,8 @@ def markdown_report(report: dict) -> str:
         lines += [
             "",
             "Speedup on the same text: per turn, each pair of calls timed until the last token both replies",
-            "share reached the host (after a near-tie sends two replies apart, they are no longer the same work):",
+            "share reached the host (after a near-tie sends two replies apart, they are no longer the same work).",
+            "Each row is timed over its own pair's shared text, so rows do not compare with each other:",
             "",
             "| method | against | overall | " + " | ".join(categories) + " |",
             "|---|---|" + "---:|" * (len(categories) + 1),

@@ -123,15 +123,22 @@ def test_matched_speedup_times_each_pair_over_the_text_both_replies_share():
         # a second turn after different first replies has a different prompt: not the same work, left out
         row("vanilla", 3, "b", [[7], [1, 2, 3]], [steady[:1], steady[:3]]),
         row("eagle2", 3, "b", [[8], [1, 2, 3]], [steady[:1], [[3, 0.1]]]),
+        # after the same first reply, the second turn has the same prompt: it counts
+        row("vanilla", 4, "c", [[5], [1, 2]], [steady[:1], steady[:2]]),
+        row("eagle2", 4, "c", [[5], [1, 3]], [steady[:1], [[2, 0.1]]]),
     ]
     matched = {(m["method"], m["against"]): m for m in bench.matched_speedups(results)}
     assert set(matched) == {("eagle2", "vanilla"), ("eagle2", "hf_prompt_lookup"), ("vanilla", "hf_prompt_lookup")}
     e2 = matched["eagle2", "vanilla"]
     assert e2["per_category"]["a"] == pytest.approx(
-        {"turns": 1, "tokens": 4, "method_s": 0.2, "against_s": 0.4, "speedup": 2.0}
+        {"turns": 1, "shared_turns": 1, "tokens": 4, "method_s": 0.2, "against_s": 0.4, "speedup": 2.0}
     )
     assert e2["per_category"]["b"]["tokens"] == 0 and e2["per_category"]["b"]["speedup"] is None
-    assert e2["overall"]["speedup"] == pytest.approx(2.0) and e2["overall"]["turns"] == 3
+    assert e2["per_category"]["c"] == pytest.approx(  # 1 token each turn: 0.1 s and 0.1 s for both
+        {"turns": 2, "shared_turns": 2, "tokens": 2, "method_s": 0.2, "against_s": 0.2, "speedup": 1.0}
+    )
+    assert e2["overall"]["turns"] == 5 and e2["overall"]["shared_turns"] == 3
+    assert e2["overall"]["speedup"] == pytest.approx(0.6 / 0.4)
     # against the lookup baseline on the same 4 tokens: its 4th came at 0.35 s
     assert matched["eagle2", "hf_prompt_lookup"]["overall"]["speedup"] == pytest.approx(0.35 / 0.2)
     base = matched["vanilla", "hf_prompt_lookup"]["overall"]
