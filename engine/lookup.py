@@ -2,7 +2,8 @@
 
 Replies often repeat their input (extraction, summaries, code edits, quoted names). Prompt lookup
 drafts those stretches for free: find the latest earlier occurrence of the context's last n tokens
-(n = 3, then 2) and propose the tokens that followed it. `graft` merges that chain into the head's tree
+(n = 3, then 2, then 1) and propose the tokens that followed it (at most UNIGRAM_TOKENS after a 1-token
+match, which is right less often). `graft` merges that chain into the head's tree
 as one more branch, sharing nodes the tree already has, so no two siblings ever carry the same token
 (the sampling proof in engine/verify.py needs distinct siblings). Verification is unchanged, so the
 output is still exactly the target's; the branch only costs its extra tree nodes.
@@ -14,18 +15,21 @@ import torch
 
 from engine.tree import Tree, make_tree
 
-NGRAMS = (3, 2)  # match lengths tried, longest first; 1-token matches propose too much noise
+NGRAMS = (3, 2, 1)  # match lengths tried, longest first
+UNIGRAM_TOKENS = 5  # a 1-token match is right less often: it proposes at most this many tokens
 
 
 def lookup_chain(history: list[int], max_tokens: int, ngrams: tuple[int, ...] = NGRAMS) -> list[int]:
-    """Up to `max_tokens` tokens that followed the latest earlier occurrence of history's last n-gram."""
+    """Up to `max_tokens` tokens (UNIGRAM_TOKENS for a 1-token match) that followed the latest earlier
+    occurrence of history's last n-gram."""
     for n in ngrams:
         if len(history) <= n:
             continue
         tail, first = history[-n:], history[-n]
+        count = max_tokens if n > 1 else min(max_tokens, UNIGRAM_TOKENS)
         for start in range(len(history) - n - 1, -1, -1):  # latest first; the tail itself excluded
             if history[start] == first and history[start : start + n] == tail:
-                return history[start + n : start + n + max_tokens]
+                return history[start + n : start + n + count]
     return []
 
 

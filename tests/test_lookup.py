@@ -6,7 +6,7 @@ import torch
 from engine.config import GenerationConfig, SamplingConfig, TreeConfig
 from engine.decode import Engine
 from engine.gate import HeadGate
-from engine.lookup import graft, lookup_chain
+from engine.lookup import UNIGRAM_TOKENS, graft, lookup_chain
 from engine.tree import make_tree
 from tests.test_sampling import P_MIN, VOCAB, exact_tail, gof_pvalue
 from tests.tiny import oracle_head, perturbed, random_head, tiny_model, tiny_tokenizer
@@ -20,6 +20,15 @@ def test_chain_follows_latest_match_longest_ngram_first():
     assert lookup_chain([1, 2, 3, 4], 5) == []  # no earlier occurrence
     assert lookup_chain([5, 6, 5, 6], 10) == [5, 6]  # stops at the end of the history
     assert lookup_chain([5, 6], 3) == []
+
+
+def test_a_one_token_match_is_the_last_resort_and_proposes_a_short_chain():
+    history = [7, 1, 2, 3, 4, 5, 6, 8, 9, 7]  # only the last token, 7, occurred before
+    assert lookup_chain(history, 10) == [1, 2, 3, 4, 5, 6, 8, 9, 7][:UNIGRAM_TOKENS]
+    assert lookup_chain(history, 2) == [1, 2]
+    assert lookup_chain(history, 10, ngrams=(3, 2)) == []
+    # any longer match wins, even an older one: (9, 7) earlier beats the latest 7
+    assert lookup_chain([9, 7, 5, 7, 6, 9, 7], 10) == [5, 7, 6, 9, 7]
 
 
 def tree_from(tokens, parents):
