@@ -486,14 +486,16 @@ def _matched_stats(pairs: list[tuple[dict, dict, int]]) -> dict:
     }
 
 
-def matched_speedups(results: list[dict]) -> list[dict]:
-    """Each of this engine's methods against vanilla and each baseline, timed over the text both replies
-    share (per turn; a later turn only where every earlier reply was the same, so that the prompt is).
+def matched_speedups(results: list[dict], against: list[str] | None = None) -> list[dict]:
+    """Each of this engine's methods against each method in `against` (default: vanilla and the
+    baselines), timed over the text both replies share (per turn; a later turn only where every earlier
+    reply was the same, so that the prompt is).
 
     Rows without emit marks (answers resumed from an older checkpoint) are left out."""
     methods = list(dict.fromkeys(r["method"] for r in results))
     rows = {(r["question_id"], r["method"]): r for r in results if "emit_marks" in r}
-    against = [m for m in methods if m == "vanilla" or m in BASELINES]
+    if against is None:
+        against = [m for m in methods if m == "vanilla" or m in BASELINES]
     out = []
     for method in methods:
         for other in against:

@@ -143,6 +143,10 @@ def test_matched_speedup_times_each_pair_over_the_text_both_replies_share():
     assert matched["eagle2", "hf_prompt_lookup"]["overall"]["speedup"] == pytest.approx(0.35 / 0.2)
     base = matched["vanilla", "hf_prompt_lookup"]["overall"]
     assert base["tokens"] == 6 + 3 and base["speedup"] == pytest.approx((0.35 + 0.2) / (0.6 + 0.3))
+    # any method can be the yardstick, here one engine method against another
+    (only,) = bench.matched_speedups(results, against=["eagle2"])
+    assert (only["method"], only["against"]) == ("vanilla", "eagle2")
+    assert only["overall"]["speedup"] == pytest.approx(0.4 / 0.6)
     # rows from a checkpoint written before emit marks existed are left out, not guessed
     old = [{k: v for k, v in r.items() if k != "emit_marks"} if r["method"] == "eagle2" else r for r in results]
     assert {(m["method"], m["against"]) for m in bench.matched_speedups(old)} == {("vanilla", "hf_prompt_lookup")}

@@ -7,17 +7,12 @@ turns. Prints tokens/s, τ and the share of cycles the head drafted, per categor
 """
 
 import argparse
-import json
 import time
 from collections import defaultdict
 from dataclasses import replace
 
-import torch
-
+from engine import bench
 from engine.config import GenerationConfig, TreeConfig
-from engine.decode import Engine
-from engine.head import load_head
-from engine.models import ModelSpec, default_head_path, load_target
 
 
 def main() -> None:
@@ -28,11 +23,11 @@ def main() -> None:
     parser.add_argument("--tree", default="8,4,4", help="TOTAL,DEPTH,TOPK (default: the tree tuned on the project's CPU)")
     parser.add_argument("--lookup", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    bench.add_engine_arguments(parser)
+    parser.set_defaults(dtype="bfloat16", threads=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    model, tokenizer = load_target(ModelSpec(dtype="bfloat16"))
-    engine = Engine(model, tokenizer, load_head(default_head_path(), model))
-    questions = [json.loads(line) for line in open(args.questions, encoding="utf-8") if line.strip()]
+    engine, _ = bench.engine_from_args(args, need_head=True)
+    questions = bench.load_questions(args.questions)
     chosen = [
         q for c in args.categories.split(",") for q in [q for q in questions if q["category"] == c][: args.per_category]
     ]

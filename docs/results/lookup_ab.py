@@ -9,16 +9,11 @@ the tokens both replies share (engine.bench's matched timing). Greedy, bf16, eve
 import argparse
 import functools
 
-import torch
-
 import engine.decode
 from engine import bench
 from engine.bench import BenchSettings, EngineMethod
 from engine.config import TreeConfig
-from engine.decode import Engine
-from engine.head import load_head
 from engine.lookup import lookup_chain
-from engine.models import ModelSpec, default_head_path, load_target
 
 
 class WithRule:
@@ -40,26 +35,20 @@ def main() -> None:
     parser.add_argument("--questions", required=True)
     parser.add_argument("--per-category", type=int, default=2)
     parser.add_argument("--tree", default="8,4,4", help="TOTAL,DEPTH,TOPK (default: the tree tuned on the project's CPU)")
+    bench.add_engine_arguments(parser)
+    parser.set_defaults(dtype="bfloat16", threads=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    model, tokenizer = load_target(ModelSpec(dtype="bfloat16"))
-    eng = Engine(model, tokenizer, load_head(default_head_path(), model))
+    eng, _ = bench.engine_from_args(args, need_head=True)
     questions = bench.load_questions(args.questions, per_category=args.per_category)
     method = EngineMethod(eng, "eagle2_lookup")
     rules = {"3,2,1": lookup_chain, "3,2": functools.partial(lookup_chain, ngrams=(3, 2))}
     methods = {name: WithRule(method, rule) for name, rule in rules.items()}
     settings = BenchSettings(tree=TreeConfig(*map(int, args.tree.split(","))))
     rows = bench.run_benchmark(eng, methods, questions, settings, progress=True)
-    pairs = {}  # category -> [(with the fallback, without, turn)]
-    by = {(r["question_id"], r["method"]): r for r in rows}
-    for q in questions:
-        new, old = by[q["question_id"], "3,2,1"], by[q["question_id"], "3,2"]
-        same = [t for t in range(new["turns"]) if new["output_ids"][:t] == old["output_ids"][:t]]
-        pairs.setdefault(q["category"], []).extend((new, old, t) for t in same)
+    (matched,) = bench.matched_speedups(rows, against=["3,2"])
     summary = bench.summarize(rows)
     print("3,2,1 against 3,2 on the text both replies share (above 1: the fallback is faster)")
-    for category, group in [*pairs.items(), ("overall", [p for g in pairs.values() for p in g])]:
-        m = bench._matched_stats(group)
+    for category, m in [*matched["per_category"].items(), ("overall", matched["overall"])]:
         taus = [(summary[r]["overall"] if category == "overall" else summary[r]["per_category"][category])["tau"] for r in ("3,2", "3,2,1")]
         print(f"  {category:15s} {m['speedup'] or 0:.3f}x over {m['tokens']} tokens; τ {taus[0]:.2f} -> {taus[1]:.2f}")
 

@@ -6,15 +6,10 @@ per category (the 4th of each in the file), first turn, 128 new tokens, bf16, tw
 """
 
 import argparse
-import json
 
-import torch
-
+from engine import bench
 from engine.config import GenerationConfig, TreeConfig
-from engine.decode import Engine
 from engine.draft import Drafter
-from engine.head import load_head
-from engine.models import ModelSpec, default_head_path, load_target
 
 
 def main() -> None:
@@ -22,11 +17,11 @@ def main() -> None:
     parser.add_argument("--questions", required=True)
     parser.add_argument("--tree", default="8,4,4", help="TOTAL,DEPTH,TOPK (default: the tree tuned on the project's CPU)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    bench.add_engine_arguments(parser)
+    parser.set_defaults(dtype="bfloat16", threads=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    model, tokenizer = load_target(ModelSpec(dtype="bfloat16"))
-    engine = Engine(model, tokenizer, load_head(default_head_path(), model))
-    questions = [json.loads(line) for line in open(args.questions, encoding="utf-8") if line.strip()]
+    engine, _ = bench.engine_from_args(args, need_head=True)
+    questions = bench.load_questions(args.questions)
     categories = dict.fromkeys(q["category"] for q in questions)
     chosen = [[q for q in questions if q["category"] == c][3] for c in categories]
     prompts = [engine.chat_ids([{"role": "user", "content": q["turns"][0]}]) for q in chosen]

@@ -21,10 +21,8 @@ import json
 import torch
 from tqdm import tqdm
 
-from engine.bench import turn_prompt
-from engine.decode import Engine
+from engine import bench
 from engine.kv import new_cache
-from engine.models import ModelSpec, load_target
 from engine.verify import target_forward
 
 BUDGETS = (1, 2, 4, 8, 16)  # tree sizes reported
@@ -65,18 +63,18 @@ def main() -> None:
     parser.add_argument("--answers", required=True)
     parser.add_argument("--questions", required=True)
     parser.add_argument("--stride", type=int, default=8, help="take every STRIDE-th position of each reply")
+    bench.add_engine_arguments(parser)
+    parser.set_defaults(dtype="bfloat16", threads=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    model, tokenizer = load_target(ModelSpec(dtype="bfloat16"))
-    engine = Engine(model, tokenizer)
-    lines = open(args.questions, encoding="utf-8").read().splitlines()
-    questions = {q["question_id"]: q for q in (json.loads(line) for line in lines if line.strip())}
+    engine, _ = bench.engine_from_args(args, need_head=False)
+    model = engine.model
+    questions = {q["question_id"]: q for q in bench.load_questions(args.questions)}
     report = json.load(open(args.answers))
     assert report["config"]["temperature"] > 0, "the bound is for sampling: pass a run with --temperature > 0"
     contexts = []
     for row in report["results"]:
         if row["method"] == "vanilla":
-            prompt = turn_prompt(engine, questions[row["question_id"]], [], report["config"]["max_new_tokens"])
+            prompt = bench.turn_prompt(engine, questions[row["question_id"]], [], report["config"]["max_new_tokens"])
             reply = row["output_ids"][0]
             contexts += [prompt + reply[:t] for t in range(0, len(reply) - 1, args.stride)]
     sums = torch.zeros(max(BUDGETS))
