@@ -9,13 +9,20 @@ entries of a token depend only on its ancestors, which the tree mask enforced). 
 import torch
 from transformers import DynamicCache
 
-
-def new_cache(model) -> DynamicCache:
-    return DynamicCache(config=model.config)
+from engine.lean import LeanCache
 
 
-def commit_path(cache: DynamicCache, past_len: int, path: torch.Tensor) -> None:
+def new_cache(model) -> DynamicCache | LeanCache:
+    """The lean forward's preallocated cache when the model has one (engine/lean.py), else transformers'."""
+    lean = getattr(model, "lean", None)
+    return lean.new_cache() if lean is not None else DynamicCache(config=model.config)
+
+
+def commit_path(cache: DynamicCache | LeanCache, past_len: int, path: torch.Tensor) -> None:
     """Keep tree nodes `path` (a,) (node indices, root first) after `past_len`; drop the other nodes."""
+    if isinstance(cache, LeanCache):
+        cache.commit_path(past_len, path)
+        return
     keep = path.shape[0]
     src = past_len + path  # (a,) absolute cache positions of the accepted nodes
     for layer in cache.layers:

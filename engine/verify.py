@@ -21,6 +21,7 @@ so every emitted token is a fresh sample from the target's conditional distribut
 import torch
 
 from engine.config import SamplingConfig
+from engine.lean import LeanCache
 from engine.tree import Tree
 
 
@@ -42,7 +43,12 @@ def base_model(model):
 def target_forward(model, tokens, positions, mask, cache, logits: bool = True):
     """Run n tokens (n,) at positions (n,) through the target.
 
-    Returns features (n, H) and, when `logits`, fp32 logits (n, V); mask None means plain causal."""
+    Returns features (n, H) and, when `logits`, fp32 logits (n, V); mask None means plain causal. A model
+    with a lean forward (engine/lean.py) runs it when `cache` is its `LeanCache`."""
+    lean = getattr(model, "lean", None)
+    if lean is not None and isinstance(cache, LeanCache):
+        features = lean.forward(tokens, positions, mask, cache)
+        return features, (model.lm_head(features).float() if logits else None)
     out = base_model(model)(
         input_ids=tokens[None],
         position_ids=positions[None],

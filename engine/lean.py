@@ -1,0 +1,203 @@
+"""A lean forward for Llama-family targets: the same math as transformers' modeling code, fewer ops.
+
+On a CPU a small target's step is dominated by per-op overhead, not arithmetic: transformers runs three
+projections for q, k and v, two for the MLP, appends to its KV cache by concatenation and rebuilds masks
+on every call. `LeanForward` reads the weights of a loaded transformers model (Llama, Mistral without an
+active sliding window, Qwen2, Qwen3) and runs
+  - one fused q/k/v product and one fused gate/up product per layer,
+  - a preallocated KV cache (`LeanCache`) written in place,
+  - transformers' own rotary embedding module (so every RoPE scaling variant stays exact),
+  - `scaled_dot_product_attention` with the engine's tree mask, or none for a single token.
+The fused products are exact concatenations of the separate ones for the int8 backend (weights are
+quantized per output channel, engine/int8.py) and equal up to float rounding for float backends.
+
+The forward is attached to the model (`attach_lean`) and picked up by `engine.verify.target_forward`
+and `engine.kv.new_cache`; `model.generate` and everything else keep using transformers' code.
+Tested against transformers' logits (tests/test_lean.py).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.int8 import Int8Linear
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class LeanCache:
+    """K/V for every layer in one buffer (layers, 1, kv_heads, capacity, head_dim), written in place.
+
+    `length` entries are valid. A forward writes its n new entries after them and advances `length`;
+    `crop(-n)` forgets the last n, `commit_path` keeps a tree's accepted nodes (engine/kv.py)."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, device, capacity: int = 512):
+        self.shape = (layers, 1, kv_heads, capacity, head_dim)
+        self.keys = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.values = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    def reserve(self, total: int) -> None:
+        """Room for `total` entries: grow by doubling, keeping what is written."""
+        if total <= self.capacity:
+            return
+        capacity = self.capacity
+        while capacity < total:
+            capacity *= 2
+        shape = (*self.shape[:3], capacity, self.shape[4])
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+            new[:, :, :, : self.length] = old[:, :, :, : self.length]
+            setattr(self, name, new)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, length: int) -> None:
+        """transformers' convention: a negative `length` drops that many entries, else keep `length`."""
+        self.length = self.length + length if length < 0 else min(length, self.length)
+
+    def commit_path(self, past_len: int, path: torch.Tensor) -> None:
+        """Keep the tree nodes `path` (root first) written after `past_len`; drop the other nodes."""
+        src = past_len + path
+        keep = path.shape[0]
+        self.keys[:, :, :, past_len : past_len + keep] = self.keys.index_select(3, src)
+        self.values[:, :, :, past_len : past_len + keep] = self.values.index_select(3, src)
+        self.length = past_len + keep
+
+
+def _fuse(linears: list[nn.Module]) -> nn.Module:
+    """One product for several linears reading the same input: outputs concatenated in order."""
+    if all(isinstance(m, Int8Linear) for m in linears):
+        fused = Int8Linear.__new__(Int8Linear)
+        nn.Module.__init__(fused)
+        q = torch.cat([m.qweight_t.t() for m in linears])  # (N, K) row-major
+        fused.in_features, fused.out_features = linears[0].in_features, q.shape[0]
+        fused.register_buffer("qweight_t", q.t(), persistent=False)
+        fused.register_buffer("wscale", torch.cat([m.wscale for m in linears], dim=1), persistent=False)
+        biases = [m.bias for m in linears]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, linears)]
+        )
+        fused.register_buffer("bias", bias, persistent=False)
+        fused.weight = None
+        return fused
+    weight = torch.cat([m.weight.detach() for m in linears])
+    biases = [m.bias for m in linears]
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=any(b is not None for b in biases))
+    out = out.to(device=weight.device, dtype=weight.dtype)
+    out.weight.data = weight
+    if out.bias is not None:
+        out.bias.data = torch.cat(
+            [b.detach() if b is not None else weight.new_zeros(m.out_features) for b, m in zip(biases, linears)]
+        )
+    return out
+
+
+def unsupported_reason(model) -> str | None:
+    """Why `LeanForward` cannot run this model, or None when it can."""
+    config = model.config
+    if config.model_type not in SUPPORTED:
+        return f"model type {config.model_type!r} (supported: {', '.join(SUPPORTED)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < config.max_position_embeddings:
+        return f"sliding-window attention ({window} of {config.max_position_embeddings} positions)"
+    for module in model.modules():
+        if isinstance(module, nn.Linear | Int8Linear):
+            continue
+        if type(module).__module__.startswith("bitsandbytes"):
+            return "bitsandbytes layers"
+    return None
+
+
+class LeanLayer:
+    def __init__(self, layer):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = attn.o_proj
+        self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.down = mlp.down_proj
+        self.norm_in, self.norm_post = layer.input_layernorm, layer.post_attention_layernorm
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.scaling = attn.scaling
+
+
+def _rms(norm, x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class LeanForward:
+    """`forward(tokens, positions, mask, cache)` -> final-norm hidden states (n, H); see module doc."""
+
+    def __init__(self, model):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the lean forward does not support this model: {reason}")
+        base = getattr(model, model.base_model_prefix)
+        config = model.config
+        self.embed, self.norm, self.rotary = base.embed_tokens, base.norm, base.rotary_emb
+        self.layers = [LeanLayer(layer) for layer in base.layers]
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.dtype = self.embed.weight.dtype
+        self.device = self.embed.weight.device
+
+    def new_cache(self, capacity: int = 512) -> LeanCache:
+        return LeanCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device, capacity)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask, cache: LeanCache) -> torch.Tensor:
+        n, past = tokens.shape[0], cache.length
+        cache.reserve(past + n)
+        end = past + n
+        x = self.embed(tokens)  # (n, H)
+        cos, sin = self.rotary(x, positions[None])  # (1, n, hd) each
+        cos, sin = cos[:, None], sin[:, None]  # (1, 1, n, hd)
+        if mask is None and n > 1:  # plain causal over the cache and the new tokens
+            causal = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(diagonal=past)
+            mask = causal[None, None]
+        hd, qn, kvn = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for i, layer in enumerate(self.layers):
+            h = _rms(layer.norm_in, x)
+            qkv = layer.qkv(h)  # (n, qn + 2 kvn)
+            q = qkv[:, :qn].view(n, self.heads, hd)
+            k = qkv[:, qn : qn + kvn].view(n, self.kv_heads, hd)
+            v = qkv[:, qn + kvn :].view(n, self.kv_heads, hd)
+            if layer.q_norm is not None:
+                q, k = _rms(layer.q_norm, q), _rms(layer.k_norm, k)
+            q = _rotate(q.transpose(0, 1)[None], cos, sin)  # (1, heads, n, hd)
+            k = _rotate(k.transpose(0, 1)[None], cos, sin)
+            cache.keys[i, :, :, past:end] = k
+            cache.values[i, :, :, past:end] = v.transpose(0, 1)[None]
+            keys, values = cache.keys[i, :, :, :end], cache.values[i, :, :, :end]
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=self.kv_heads != self.heads
+            )  # (1, heads, n, hd)
+            x = x + layer.o(out[0].transpose(0, 1).reshape(n, qn))
+            gate, up = layer.gate_up(_rms(layer.norm_post, x)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        cache.length = end
+        return _rms(self.norm, x)
+
+
+def attach_lean(model) -> bool:
+    """Give `model` a lean forward when it supports one (`model.lean`); returns whether it did."""
+    if unsupported_reason(model) is not None:
+        model.lean = None
+        return False
+    model.lean = LeanForward(model)
+    return True
