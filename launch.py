@@ -4,14 +4,15 @@
     python launch.py --no-browser --port 7861
     python launch.py --share --auth me:secret
 
-This is the only place that parses command-line arguments; everything else receives built objects.
+This is the app's command line; the engine and the UI receive built objects. The engine's tools
+(engine.bench, engine.autotune, engine.evaluate, engine.train) have command lines of their own, and all of
+them read the model, head and hardware flags the same way (engine/cli.py).
 """
 
 import argparse
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from engine.config import TreeConfig
 
@@ -155,17 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     t = step("Loading libraries (torch, transformers, gradio)")
     from app import AppOptions, build_ui, load_examples
     from app.ui import CSS_PATH
+    from engine.cli import head_folder, model_spec
     from engine.decode import Engine
     from engine.head import load_head
-    from engine.models import ModelSpec, default_head_path, load_target
+    from engine.models import load_target
 
     done(t)
 
-    quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
-    spec = ModelSpec(model=args.model, dtype=args.dtype, device=args.device, quantization=quantization)
     t = step(f"Loading the model ({args.model or 'default: SmolLM2-135M-Instruct'})")
     try:
-        model, tokenizer = load_target(spec)
+        model, tokenizer = load_target(model_spec(args))
     # ModelLoadError is a RuntimeError; ImportError/RuntimeError also cover bitsandbytes without CUDA.
     except (RuntimeError, ValueError, OSError, ImportError) as err:
         return fail(f"could not load the model: {err}")
@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
     head = None
     if not args.no_head:
-        head_path = Path(args.head) if args.head else default_head_path()
-        if args.head is None and not (head_path / "config.json").is_file():
+        head_path, found = head_folder(args.head)
+        if args.head is None and not found:
             print(
                 f"warning: no draft head at {head_path}; only vanilla decoding is available. "
                 f"Pass --head PATH to use one (or --no-head to silence this).",
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(tree_arg, TreeConfig):
         tree, tree_note = tree_arg, "set by --tree"
     elif head is not None and tree_arg == "auto":
-        from engine.autotune import load_or_tune_result
+        from engine.autotune.cache import load_or_tune_result
         from engine.config import SamplingConfig
 
         t = step("Auto-tuning the draft tree for this machine (cached after the first run)")

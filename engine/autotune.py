@@ -24,7 +24,7 @@ so it is tuned on a grid of smaller trees (`SAMPLED_GRID`) and cached under its 
 
 `choose_tree` is the pure part: any cost and acceptance model in, the best grid point out. Results are
 cached as JSON per (model, head weights, dtype, device and its CPU/GPU model and threads, and sampling
-settings when T > 0) under `cache_dir()/autotune/`; `load_or_tune` reads the cache or tunes (a minute or
+settings when T > 0; on a CPU also its ISA flags) under `cache_dir()/autotune/`; `load_or_tune` reads the cache or tunes (a minute or
 two on a 2-core CPU for the default model) and is what `launch.py` calls for greedy decoding.
 """
 
@@ -43,10 +43,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.bench import add_engine_arguments, engine_from_args, hardware_info
+from engine.cli import add_engine_arguments, engine_from_args
 from engine.config import GenerationConfig, SamplingConfig, TreeConfig
 from engine.decode import Engine
 from engine.draft import Drafter
+from engine.hardware import hardware_info
 from engine.head import weights_digest
 from engine.kv import new_cache
 from engine.models import cache_dir
@@ -469,8 +470,9 @@ class TuneResult:
 
 
 def tuning_key(engine: Engine, sampling: SamplingConfig = SamplingConfig()) -> dict:
-    """What the tuned tree depends on: model, head weights, dtype, the hardware it was timed on, and the
-    sampling settings when not greedy (they change acceptance)."""
+    """What the tuned tree depends on: model, head weights, dtype, the hardware it was timed on (on a CPU
+    with the ISA flags that pick its kernels), and the sampling settings when not greedy (they change
+    acceptance)."""
     if engine.head is None:
         raise ValueError("auto-tuning picks the draft tree, so it needs a draft head; load one with --head")
     hw = hardware_info(engine.device)
@@ -484,6 +486,8 @@ def tuning_key(engine: Engine, sampling: SamplingConfig = SamplingConfig()) -> d
         "device": f"{engine.device} ({where})",
         "torch": hw["torch"],
     }
+    if engine.device.type == "cpu":  # the same CPU model ships with and without bf16 or AMX kernels
+        key["isa"] = hw["isa"]
     if not sampling.greedy:  # greedy keys carry no sampling entry: greedy tunings cached before stay valid
         key["sampling"] = asdict(sampling)
     return key

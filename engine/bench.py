@@ -58,9 +58,6 @@ In fp32 the bound is float rounding, so outputs must be identical.
 import argparse
 import hashlib
 import json
-import os
-import platform
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -72,9 +69,12 @@ import transformers
 from tqdm import tqdm
 from transformers.generation.streamers import BaseStreamer
 
+from engine.autotune import load_or_tune
+from engine.cli import add_engine_arguments, engine_from_args, quantization_of
 from engine.config import GenerationConfig, SamplingConfig, TreeConfig
 from engine.decode import Engine, common_prefix
 from engine.detok import IncrementalDetokenizer
+from engine.hardware import hardware_info, peak_rss_mb
 from engine.kv import new_cache
 from engine.verify import target_forward
 
@@ -584,32 +584,6 @@ def check_lossless(
 # ---- reporting ----------------------------------------------------------------------------------
 
 
-def hardware_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass  # not Linux: keep platform's answer
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def _fmt(value, spec: str, suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
@@ -623,7 +597,7 @@ def markdown_report(report: dict) -> str:
         f"{hw['transformers']}. Model {cfg['model'] or 'default'}, {cfg['dtype']}, {cfg['device']}; "
         f"T={cfg['temperature']}, {cfg['max_new_tokens']} new tokens, {cfg['question_count']} questions; "
         f"tree {cfg['tree']['total_tokens']}/{cfg['tree']['depth']}/{cfg['tree']['top_k']} "
-        f"(total tokens/depth/top-k). Peak RSS {report['memory']['peak_rss_mb']:.0f} MB.",
+        f"(total tokens/depth/top-k). Peak RSS {_fmt(report['memory']['peak_rss_mb'], '.0f', ' MB')}.",
         "",
         f"Command: `{cfg['command']}`",
         "",
@@ -725,43 +699,6 @@ def write_report(report: dict, out: Path) -> tuple[Path, Path]:
 # ---- command line -------------------------------------------------------------------------------
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags that pick the target, the head and the hardware (shared with engine.autotune)."""
-    parser.add_argument("--model", default=None, help="HF id, local folder or .gguf (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--head", default=None, help="draft head folder (default: the shipped head)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    quant = parser.add_mutually_exclusive_group()
-    quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit target")
-    quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit target")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-
-
-def quantization_of(args: argparse.Namespace) -> str | None:
-    return "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
-
-
-def engine_from_args(args: argparse.Namespace, need_head: bool) -> tuple[Engine, str | None]:
-    """Load the target (and the head when `need_head`); returns (engine, head path or None)."""
-    from engine.head import load_head
-    from engine.models import ModelSpec, default_head_path, load_target
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_target(ModelSpec(args.model, args.dtype, args.device, quantization_of(args)))
-    head, head_path = None, None
-    if need_head:
-        head_path = Path(args.head) if args.head else default_head_path()
-        if not (head_path / "config.json").is_file():
-            raise SystemExit(
-                f"no draft head at {head_path}; pass --head PATH (a folder with config.json and "
-                f"model.safetensors), or benchmark without eagle1/eagle2"
-            )
-        head = load_head(head_path, model)
-        head_path = str(head_path)
-    return Engine(model, tokenizer, head), head_path
-
-
 def run_settings(args, questions: list[dict], names: list[str], head_path, engine: Engine, settings: BenchSettings) -> dict:
     """Everything that changes an answer or its timing: what `--resume` must find unchanged."""
     hw = hardware_info(engine.device)
@@ -825,8 +762,6 @@ def main(argv: list[str] | None = None) -> int:
     tree = TreeConfig(args.total_tokens, args.depth, args.top_k)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
     if args.autotune:  # tuned for this sampling: it changes acceptance, so the best tree
-        from engine.autotune import load_or_tune  # autotune imports this module's loaders; import here
-
         tree = load_or_tune(engine, progress=not args.no_progress, sampling=sampling)
     settings = BenchSettings(
         max_new_tokens=args.max_new_tokens,

@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from engine.bench import load_questions, turn_prompt
+from engine.cli import add_engine_arguments, engine_from_args
 from engine.config import GenerationConfig, SamplingConfig, TreeConfig
 from engine.decode import Engine
 
@@ -66,14 +67,9 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> None:
-    from engine.head import load_head
-    from engine.models import ModelSpec, default_head_path, load_target
-
     p = argparse.ArgumentParser(description="Report τ and acceptance by depth of a draft head.")
     p.add_argument("--questions", required=True, help="Spec-Bench style jsonl (question_id, category, turns)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--head", default=None, help="head folder (default: the shipped head)")
-    p.add_argument("--dtype", default="auto")
+    add_engine_arguments(p)
     p.add_argument("--method", default="eagle2", choices=["eagle1", "eagle2"])
     p.add_argument("--temperatures", default="0,1")
     p.add_argument("--per-category", type=int, default=None)
@@ -86,9 +82,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    model, tokenizer = load_target(ModelSpec(model=args.model, dtype=args.dtype))
-    head = load_head(args.head or default_head_path(), model)
-    engine = Engine(model, tokenizer, head)
+    engine, _ = engine_from_args(args, need_head=True)
     questions = load_questions(args.questions, args.limit, args.per_category)
     tree = TreeConfig(args.total_tokens, args.depth, args.top_k, args.lookup)
     results = {}

@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from engine.cli import add_engine_arguments, model_spec
 from engine.head import DraftHead, head_config_for, save_head, weights_digest
 from engine.verify import base_model
 
@@ -567,15 +568,13 @@ FLAG_HELP = {
 
 def main(argv=None) -> None:
     from engine.head import load_head
-    from engine.models import ModelSpec, load_target
+    from engine.models import load_target
 
     p = argparse.ArgumentParser(description="Train an EAGLE draft head for a target model (resumable).")
     p.add_argument("--prompts", required=True, help="jsonl with a 'prompt' field per line (never benchmark questions)")
     p.add_argument("--run", required=True, type=Path, help="working folder for data shards and checkpoints")
     p.add_argument("--export", type=Path, help="write the trained head here (official EAGLE layout + card)")
-    p.add_argument("--model", default=None, help="target model (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--threads", type=int, default=None)
+    add_engine_arguments(p, head=False)  # the head is the one being trained (--init, --export)
     p.add_argument(
         "--max-source-share", type=float, default=1.0,
         help="cap each prompt source (the jsonl 'source' field) at this share of the prompts, e.g. 0.25; default 1 (no cap)",
@@ -602,7 +601,7 @@ def main(argv=None) -> None:
     data_cfg = DataConfig(**{k: getattr(args, k) for k in asdict(DataConfig())})
     fit_cfg = FitConfig(**{k: getattr(args, k) for k in asdict(FitConfig())})
     args.run.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_target(ModelSpec(model=args.model, dtype=args.dtype))
+    model, tokenizer = load_target(model_spec(args))
     init = load_head(args.init, model, dtype=torch.float32) if args.init else None  # before hours of data
     started = time.time()
     generate_data(model, tokenizer, read_prompts(args.prompts, args.max_source_share, sources=tuple(filter(None, args.sources.split(",")))), args.run, data_cfg)

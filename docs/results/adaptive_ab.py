@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import replace
 
 from engine import bench
+from engine.cli import add_engine_arguments, engine_from_args
 from engine.config import GenerationConfig, TreeConfig
 
 
@@ -23,10 +24,10 @@ def main() -> None:
     parser.add_argument("--tree", default="8,4,4", help="TOTAL,DEPTH,TOPK (default: the tree tuned on the project's CPU)")
     parser.add_argument("--lookup", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    bench.add_engine_arguments(parser)
+    add_engine_arguments(parser)
     parser.set_defaults(dtype="bfloat16", threads=2)
     args = parser.parse_args()
-    engine, _ = bench.engine_from_args(args, need_head=True)
+    engine, _ = engine_from_args(args, need_head=True)
     questions = bench.load_questions(args.questions)
     chosen = [
         q for c in args.categories.split(",") for q in [q for q in questions if q["category"] == c][: args.per_category]

@@ -11,6 +11,7 @@ import functools
 
 import engine.decode
 from engine import bench
+from engine.cli import add_engine_arguments, engine_from_args
 from engine.bench import BenchSettings, EngineMethod
 from engine.config import TreeConfig
 from engine.lookup import lookup_chain
@@ -35,10 +36,10 @@ def main() -> None:
     parser.add_argument("--questions", required=True)
     parser.add_argument("--per-category", type=int, default=2)
     parser.add_argument("--tree", default="8,4,4", help="TOTAL,DEPTH,TOPK (default: the tree tuned on the project's CPU)")
-    bench.add_engine_arguments(parser)
+    add_engine_arguments(parser)
     parser.set_defaults(dtype="bfloat16", threads=2)
     args = parser.parse_args()
-    eng, _ = bench.engine_from_args(args, need_head=True)
+    eng, _ = engine_from_args(args, need_head=True)
     questions = bench.load_questions(args.questions, per_category=args.per_category)
     method = EngineMethod(eng, "eagle2_lookup")
     rules = {"3,2,1": lookup_chain, "3,2": functools.partial(lookup_chain, ngrams=(3, 2))}

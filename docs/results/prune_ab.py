@@ -8,6 +8,7 @@ per category (the 4th of each in the file), first turn, 128 new tokens, bf16, tw
 import argparse
 
 from engine import bench
+from engine.cli import add_engine_arguments, engine_from_args
 from engine.config import GenerationConfig, TreeConfig
 from engine.draft import Drafter
 
@@ -17,10 +18,10 @@ def main() -> None:
     parser.add_argument("--questions", required=True)
     parser.add_argument("--tree", default="8,4,4", help="TOTAL,DEPTH,TOPK (default: the tree tuned on the project's CPU)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    bench.add_engine_arguments(parser)
+    add_engine_arguments(parser)
     parser.set_defaults(dtype="bfloat16", threads=2)
     args = parser.parse_args()
-    engine, _ = bench.engine_from_args(args, need_head=True)
+    engine, _ = engine_from_args(args, need_head=True)
     questions = bench.load_questions(args.questions)
     categories = dict.fromkeys(q["category"] for q in questions)
     chosen = [[q for q in questions if q["category"] == c][3] for c in categories]

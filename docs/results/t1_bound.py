@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from engine import bench
+from engine.cli import add_engine_arguments, engine_from_args
 from engine.kv import new_cache
 from engine.verify import target_forward
 
@@ -63,10 +64,10 @@ def main() -> None:
     parser.add_argument("--answers", required=True)
     parser.add_argument("--questions", required=True)
     parser.add_argument("--stride", type=int, default=8, help="take every STRIDE-th position of each reply")
-    bench.add_engine_arguments(parser)
+    add_engine_arguments(parser)
     parser.set_defaults(dtype="bfloat16", threads=2)
     args = parser.parse_args()
-    engine, _ = bench.engine_from_args(args, need_head=False)
+    engine, _ = engine_from_args(args, need_head=False)
     model = engine.model
     questions = {q["question_id"]: q for q in bench.load_questions(args.questions)}
     report = json.load(open(args.answers))
