@@ -3,11 +3,11 @@
     python -m engine.evaluate --questions ../shared/data/benchmarks/spec_bench/question.jsonl \
         --per-category 3 --temperatures 0,1 --out runs/eval.json
 
-Questions are picked as the benchmark picks them (engine.bench.load_questions: evenly spaced per category).
+Questions are picked as the benchmark picks them (engine/bench/questions.py: evenly spaced per category).
 
 τ is the mean number of tokens committed per verify cycle (accepted drafts + the bonus token).
 Acceptance by depth d is the share of cycles whose accepted path reaches depth d. Multi-turn questions
-feed each answer back as history. Speed is the benchmark's job (engine/bench.py); this reports only
+feed each answer back as history. Speed is the benchmark's job (engine/bench/); this reports only
 acceptance, so it is valid on any machine load.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from engine.bench import load_questions, turn_prompt
+from engine.bench.questions import load_questions, turn_prompt
 from engine.cli import add_engine_arguments, engine_from_args
 from engine.config import GenerationConfig, SamplingConfig, TreeConfig
 from engine.decode import Engine

@@ -8,8 +8,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from engine import autotune, bench
-from engine.autotune import MeasuredCost, choose_tree, pool_size, tree_grid
+from engine.autotune import cache as autotune_cache
+from engine.autotune import calibration
+from engine.autotune import cli as autotune_cli
+from engine.autotune.choice import MAX_POOL, choose_tree, pool_size, tree_grid
+from engine.autotune.costs import MeasuredCost
+from engine.bench import cli as bench_cli
 from engine.config import SamplingConfig, TreeConfig
 from engine.draft import Drafter
 from engine.kv import new_cache
@@ -64,7 +68,7 @@ def test_choice_maximises_expected_tokens_per_second():
 def test_grid_skips_budgets_beyond_the_pool_and_pools_beyond_the_calibration_limit():
     grid = tree_grid(totals=(4, 8, 16), depths=(2, 8), top_ks=(2, 10))
     assert TreeConfig(4, 2, 2) in grid and TreeConfig(8, 2, 2) not in grid  # depth 2, k 2: 6 candidates
-    assert all(pool_size(t.depth, t.top_k) <= autotune.MAX_POOL for t in grid)
+    assert all(pool_size(t.depth, t.top_k) <= MAX_POOL for t in grid)
     assert not any(t.top_k == 10 and t.depth == 8 for t in grid)  # 640 candidates
 
 
@@ -95,10 +99,10 @@ def reference_accepted(pool, continuation, total, depth):
 def test_accepted_lengths_match_eagle2_selection_and_acceptance(seed):
     engine = tiny_engine("llama", head="oracle")
     engine.head = perturbed(engine.head, 0.6, seed)  # partly right: acceptance varies with the tree
-    answers = autotune.reference_answers(engine, ["the cat sat on"], 40)
+    answers = calibration.reference_answers(engine, ["the cat sat on"], 40)
     prompt, out = answers[0]
     seq = prompt + out
-    features = autotune.target_features(engine, seq[:-1])
+    features = calibration.target_features(engine, seq[:-1])
     tokens = torch.tensor(seq)
     drafter = Drafter(engine.head, engine.model.get_input_embeddings(), engine.model.lm_head, len(seq) + 64)
     hidden = drafter.extend(tokens[1 : len(prompt) + 1], features[: len(prompt)])
@@ -108,7 +112,7 @@ def test_accepted_lengths_match_eagle2_selection_and_acceptance(seed):
         pool = drafter.dynamic_tree(tokens[p], hidden, TreeConfig(pool_size(4, 3), 4, 3))
         drafter.cache.truncate(drafter.cache.length)
         continuation = seq[p + 1 : p + 5]
-        got = autotune.accepted_lengths(pool, continuation, totals, depths)
+        got = calibration.accepted_lengths(pool, continuation, totals, depths)
         for total in totals:
             for depth in depths:
                 assert got[(total, depth)] == reference_accepted(pool, continuation, total, depth), (p, total, depth)
@@ -120,8 +124,8 @@ def test_accepted_lengths_match_eagle2_selection_and_acceptance(seed):
 def test_calibration_with_an_oracle_head_accepts_every_depth_of_a_full_pool():
     engine = tiny_engine("llama", head="oracle")
     grid = tree_grid(totals=(4, 6, 10, 14, 20, 36, 52), depths=(2, 3, 4), top_ks=(2, 4))
-    answers = autotune.reference_answers(engine, ["hello there", "the cat"], 24)
-    acceptance = autotune.calibrate_acceptance(engine, answers, grid)
+    answers = calibration.reference_answers(engine, ["hello there", "the cat"], 24)
+    acceptance = calibration.calibrate_acceptance(engine, answers, grid)
     assert acceptance.samples == 2 * (24 - 4)  # roots whose next 4 tokens are known
     for tree in grid:
         tau = acceptance.tau(tree)
@@ -131,7 +135,7 @@ def test_calibration_with_an_oracle_head_accepts_every_depth_of_a_full_pool():
         same_shape = [t for t in grid if (t.depth, t.top_k) == (tree.depth, tree.top_k)]
         smaller = [t for t in same_shape if t.total_tokens < tree.total_tokens]
         assert all(acceptance.tau(t) <= tau for t in smaller)  # a bigger budget keeps a superset
-    every_third = autotune.calibrate_acceptance(engine, answers, grid, stride=3)
+    every_third = calibration.calibrate_acceptance(engine, answers, grid, stride=3)
     assert every_third.samples == 2 * 7  # roots 0, 3, ..., 18 of each answer
     assert every_third.tau(TreeConfig(52, 4, 4)) == pytest.approx(5.0)
 
@@ -147,10 +151,10 @@ SMALL = dict(
 
 def test_load_or_tune_caches_per_head_and_dtype(tmp_path, monkeypatch):
     engine = tiny_engine("llama", head="oracle")
-    first = autotune.load_or_tune_result(engine, cache=tmp_path, **SMALL)
+    first = autotune_cache.load_or_tune_result(engine, cache=tmp_path, **SMALL)
     files = list((tmp_path / "autotune").glob("*.json"))
     assert len(files) == 1
-    assert json.loads(files[0].read_text())["key"] == autotune.tuning_key(engine)
+    assert json.loads(files[0].read_text())["key"] == autotune_cache.tuning_key(engine)
     assert first.tree in SMALL["grid"] and first.tokens_per_s > 0 and first.vanilla_tokens_per_s > 0
     assert [c.tree for c in first.ranked][0] == first.tree
     assert first.cost.verify_ms(1) > 0 and len(first.cost.verify) == 3
@@ -158,38 +162,38 @@ def test_load_or_tune_caches_per_head_and_dtype(tmp_path, monkeypatch):
     def no_tuning(*args, **kwargs):
         raise AssertionError("the cached result should have been used")
 
-    monkeypatch.setattr(autotune, "tune", no_tuning)
-    cached = autotune.load_or_tune_result(engine, cache=tmp_path)
+    monkeypatch.setattr(autotune_cache, "tune", no_tuning)
+    cached = autotune_cache.load_or_tune_result(engine, cache=tmp_path)
     assert cached.tree == first.tree and cached.to_json() == first.to_json()
-    assert autotune.load_or_tune(engine, cache=tmp_path) == first.tree
+    assert autotune_cache.load_or_tune(engine, cache=tmp_path) == first.tree
     assert "auto-tuned tree" in cached.summary()
 
     engine.head.draft_vocab = torch.arange(engine.model.config.vocab_size - 1)  # a reduced draft vocabulary
     with pytest.raises(AssertionError, match="cached result"):
-        autotune.load_or_tune(engine, cache=tmp_path)
+        autotune_cache.load_or_tune(engine, cache=tmp_path)
     engine.head.draft_vocab = None
     engine.head = perturbed(engine.head, 0.1)  # other head weights: another cache entry, so a new tuning
     with pytest.raises(AssertionError, match="cached result"):
-        autotune.load_or_tune(engine, cache=tmp_path)
+        autotune_cache.load_or_tune(engine, cache=tmp_path)
     with pytest.raises(ValueError, match="needs a draft head"):
-        autotune.tuning_key(tiny_engine("llama", head="none"))
+        autotune_cache.tuning_key(tiny_engine("llama", head="none"))
 
 
 def test_commands_tune_once_and_the_benchmark_uses_the_tuned_tree(saved_tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EAGLE_CHAT_CACHE", str(tmp_path / "cache"))
-    real_tune, calls = autotune.tune, []
+    real_tune, calls = autotune_cache.tune, []
 
     def small_tune(engine, progress=False, **kwargs):  # the commands' settings, on a small grid
         calls.append(kwargs)
         return real_tune(engine, progress=progress, **{**kwargs, **{k: v for k, v in SMALL.items() if k != "prompts"}})
 
-    monkeypatch.setattr(autotune, "tune", small_tune)
+    monkeypatch.setattr(autotune_cache, "tune", small_tune)
     model_args = ["--model", str(saved_tiny / "model"), "--head", str(saved_tiny / "head"), "--dtype", "float32",
                   "--device", "cpu", "--threads", "1", "--no-progress"]  # fmt: skip
-    assert autotune.main(model_args + ["--calibration-prompts", "2", "--calibration-tokens", "20"]) == 0
+    assert autotune_cli.main(model_args + ["--calibration-prompts", "2", "--calibration-tokens", "20"]) == 0
     printed = capsys.readouterr().out
     assert "auto-tuned tree" in printed and "verify cost" in printed and "best trees" in printed
-    assert len(calls) == 1 and calls[0]["prompts"] == list(autotune.CALIBRATION_PROMPTS[:2])
+    assert len(calls) == 1 and calls[0]["prompts"] == list(calibration.CALIBRATION_PROMPTS[:2])
     [cached] = (tmp_path / "cache" / "autotune").glob("*.json")
     tuned = json.loads(cached.read_text())["tree"]
 
@@ -198,7 +202,7 @@ def test_commands_tune_once_and_the_benchmark_uses_the_tuned_tree(saved_tiny, tm
     out = tmp_path / "r.json"
     argv = ["--questions", str(questions), "--methods", "vanilla,eagle2", "--out", str(out), "--max-new-tokens", "8",
             "--autotune"] + model_args  # fmt: skip
-    assert bench.main(argv) == 0
+    assert bench_cli.main(argv) == 0
     assert json.loads(out.read_text())["config"]["tree"] == tuned
     assert len(calls) == 1  # the benchmark read the cache
 
@@ -209,16 +213,16 @@ def test_sampled_reach_is_the_product_of_target_probabilities_along_each_path():
     engine = tiny_engine("llama", head="oracle")
     engine.head = perturbed(engine.head, 0.6, 2)
     sampling = SamplingConfig(temperature=0.8, top_p=0.9)
-    prompt, out = autotune.reference_answers(engine, ["the cat sat on"], 12, sampling)[0]
+    prompt, out = calibration.reference_answers(engine, ["the cat sat on"], 12, sampling)[0]
     seq = prompt + out
     cache = new_cache(engine.model)
-    features = autotune.target_features(engine, seq[:-1], cache)  # the cache holds all of seq[:-1]
+    features = calibration.target_features(engine, seq[:-1], cache)  # the cache holds all of seq[:-1]
     tokens = torch.tensor(seq)
     p = len(prompt) + 3  # a root in the middle: later cache entries must be masked out
     drafter = Drafter(engine.head, engine.model.get_input_embeddings(), engine.model.lm_head, len(seq) + 64)
     hidden = drafter.extend(tokens[1 : p + 1], features[:p])
     pool = drafter.dynamic_tree(tokens[p], hidden, TreeConfig(pool_size(3, 3), 3, 3))
-    reach = autotune.sampled_reach(engine, cache, p, pool, sampling)
+    reach = calibration.sampled_reach(engine, cache, p, pool, sampling)
     assert cache.get_seq_length() == len(seq) - 1  # the pool's entries were dropped again
     paths = pool.paths.tolist()
     node_tokens = pool.tokens.tolist()
@@ -240,10 +244,10 @@ def test_sampled_calibration_and_its_own_cache_entry(tmp_path):
     engine = tiny_engine("llama", head="oracle")
     sampling = SamplingConfig(temperature=1.0)
     small = {**SMALL, "grid": tree_grid(totals=(2, 4, 8), depths=(1, 2), top_ks=(2, 4))}
-    greedy = autotune.load_or_tune_result(engine, cache=tmp_path, **small)
-    sampled = autotune.load_or_tune_result(engine, cache=tmp_path, sampling=sampling, **small)
+    greedy = autotune_cache.load_or_tune_result(engine, cache=tmp_path, **small)
+    sampled = autotune_cache.load_or_tune_result(engine, cache=tmp_path, sampling=sampling, **small)
     assert len(list((tmp_path / "autotune").glob("*.json"))) == 2
-    assert sampled.key == autotune.tuning_key(engine, sampling) and sampled.key["sampling"]["temperature"] == 1.0
+    assert sampled.key == autotune_cache.tuning_key(engine, sampling) and sampled.key["sampling"]["temperature"] == 1.0
     assert "greedy decoding" in greedy.summary() and "sampling at temperature 1," in sampled.summary()
     for tree in small["grid"]:
         assert 1.0 <= sampled.acceptance.tau(tree) < greedy.acceptance.tau(tree)  # an oracle head: greedy accepts all
@@ -256,11 +260,11 @@ def test_sampled_tau_is_the_mean_expected_accepted_length_of_the_drafted_trees()
     engine.head = perturbed(engine.head, 0.8, 5)
     sampling = SamplingConfig(temperature=1.0)
     tree_cfg = TreeConfig(4, 2, 2)
-    answers = autotune.reference_answers(engine, ["hello there"], 10, sampling)
-    got = autotune.calibrate_acceptance(engine, answers, [tree_cfg], stride=1, sampling=sampling)
+    answers = calibration.reference_answers(engine, ["hello there"], 10, sampling)
+    got = calibration.calibrate_acceptance(engine, answers, [tree_cfg], stride=1, sampling=sampling)
     prompt, out = answers[0]
     seq = prompt + out
-    features = autotune.target_features(engine, seq[:-1])
+    features = calibration.target_features(engine, seq[:-1])
     tokens = torch.tensor(seq)
     expected = []
     with torch.no_grad():

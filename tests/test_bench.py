@@ -6,8 +6,13 @@ from dataclasses import replace
 
 import pytest
 
-from engine import bench
-from engine.bench import BenchSettings, EngineMethod, HFGenerateMethod, TurnOutput
+from engine.bench import cli as bench_cli
+from engine.bench import runner
+from engine.bench.lossless import check_lossless
+from engine.bench.methods import BASELINES, BENCH_METHODS, ENGINE_METHODS, EngineMethod, HFGenerateMethod, TurnOutput
+from engine.bench.questions import BenchSettings, load_questions
+from engine.bench.runner import run_benchmark
+from engine.bench.stats import matched_speedups, summarize
 from engine.head import save_head
 from tests.tiny import tiny_engine
 
@@ -32,12 +37,12 @@ def write_jsonl(path, rows):
 def test_load_questions_per_category_is_stratified_and_keeps_file_order(tmp_path):
     rows = [{"question_id": i, "category": c, "turns": [f"q{i}"]} for i, c in enumerate("aaaaabbc")]
     path = write_jsonl(tmp_path / "q.jsonl", rows)
-    assert [q["question_id"] for q in bench.load_questions(path, per_category=2)] == [0, 2, 5, 6, 7]
-    assert [q["question_id"] for q in bench.load_questions(path, per_category=2, limit=3)] == [0, 2, 5]
-    assert len(bench.load_questions(path)) == 8
+    assert [q["question_id"] for q in load_questions(path, per_category=2)] == [0, 2, 5, 6, 7]
+    assert [q["question_id"] for q in load_questions(path, per_category=2, limit=3)] == [0, 2, 5]
+    assert len(load_questions(path)) == 8
     bad = write_jsonl(tmp_path / "bad.jsonl", [rows[0], {"question_id": 9, "turns": ["x"]}])
     with pytest.raises(ValueError, match="bad.jsonl:2"):
-        bench.load_questions(bad)
+        load_questions(bad)
 
 
 class Recorder:
@@ -54,7 +59,7 @@ class Recorder:
 def test_methods_interleave_question_by_question_after_a_warm_up(engine):
     log = []
     methods = {name: Recorder(name, log, engine.tokenizer) for name in ("A", "B", "C")}
-    results = bench.run_benchmark(engine, methods, QUESTIONS, SETTINGS)
+    results = run_benchmark(engine, methods, QUESTIONS, SETTINGS)
     order = [name for name, _ in log]
     warm_up = ["A", "B", "C"]
     q1 = ["A", "A", "B", "B", "C", "C"]  # both turns of question 1 before the next method starts
@@ -78,14 +83,14 @@ def test_summary_speedups_are_ratios_of_total_rates_per_category():
         row("vanilla", "a", 10, 1.0, 9), row("eagle2", "a", 10, 0.5, 3),
         row("vanilla", "b", 10, 2.0, 9), row("eagle2", "b", 10, 0.5, 3),
     ]  # fmt: skip
-    summary = bench.summarize(results)
+    summary = summarize(results)
     assert summary["vanilla"]["overall"]["speedup_vs_vanilla"] == pytest.approx(1.0)
     assert summary["eagle2"]["overall"]["tokens_per_s"] == pytest.approx(20.0)
     assert summary["eagle2"]["overall"]["speedup_vs_vanilla"] == pytest.approx(20.0 / (20 / 3))
     assert summary["eagle2"]["per_category"]["a"]["speedup_vs_vanilla"] == pytest.approx(2.0)
     assert summary["eagle2"]["per_category"]["b"]["speedup_vs_vanilla"] == pytest.approx(4.0)
     assert summary["eagle2"]["overall"]["tau"] == pytest.approx(18 / 6)
-    assert bench.summarize([row("eagle2", "a", 10, 1.0, 3)])["eagle2"]["overall"]["speedup_vs_vanilla"] is None
+    assert summarize([row("eagle2", "a", 10, 1.0, 3)])["eagle2"]["overall"]["speedup_vs_vanilla"] is None
 
 
 def test_transformers_baselines_count_forwards_and_match_vanilla(engine):
@@ -127,7 +132,7 @@ def test_matched_speedup_times_each_pair_over_the_text_both_replies_share():
         row("vanilla", 4, "c", [[5], [1, 2]], [steady[:1], steady[:2]]),
         row("eagle2", 4, "c", [[5], [1, 3]], [steady[:1], [[2, 0.1]]]),
     ]
-    matched = {(m["method"], m["against"]): m for m in bench.matched_speedups(results)}
+    matched = {(m["method"], m["against"]): m for m in matched_speedups(results)}
     assert set(matched) == {("eagle2", "vanilla"), ("eagle2", "hf_prompt_lookup"), ("vanilla", "hf_prompt_lookup")}
     e2 = matched["eagle2", "vanilla"]
     assert e2["per_category"]["a"] == pytest.approx(
@@ -144,12 +149,12 @@ def test_matched_speedup_times_each_pair_over_the_text_both_replies_share():
     base = matched["vanilla", "hf_prompt_lookup"]["overall"]
     assert base["tokens"] == 6 + 3 and base["speedup"] == pytest.approx((0.35 + 0.2) / (0.6 + 0.3))
     # any method can be the yardstick, here one engine method against another
-    (only,) = bench.matched_speedups(results, against=["eagle2"])
+    (only,) = matched_speedups(results, against=["eagle2"])
     assert (only["method"], only["against"]) == ("vanilla", "eagle2")
     assert only["overall"]["speedup"] == pytest.approx(0.4 / 0.6)
     # rows from a checkpoint written before emit marks existed are left out, not guessed
     old = [{k: v for k, v in r.items() if k != "emit_marks"} if r["method"] == "eagle2" else r for r in results]
-    assert {(m["method"], m["against"]) for m in bench.matched_speedups(old)} == {("vanilla", "hf_prompt_lookup")}
+    assert {(m["method"], m["against"]) for m in matched_speedups(old)} == {("vanilla", "hf_prompt_lookup")}
 
 
 class FlipToken:
@@ -185,8 +190,8 @@ def test_lossless_check_flags_a_broken_method_and_passes_the_engine(engine):
         "broken": FlipToken(EngineMethod(engine, "eagle2"), 3, vocab),
         "short": DropLast(EngineMethod(engine, "vanilla")),
     }
-    results = bench.run_benchmark(engine, methods, QUESTIONS, SETTINGS)
-    report = bench.check_lossless(engine, QUESTIONS, results, bound=1e-4, max_new_tokens=SETTINGS.max_new_tokens)
+    results = run_benchmark(engine, methods, QUESTIONS, SETTINGS)
+    report = check_lossless(engine, QUESTIONS, results, bound=1e-4, max_new_tokens=SETTINGS.max_new_tokens)
     by_method = {}
     for d in report["divergences"]:
         by_method.setdefault(d["method"], []).append(d)
@@ -205,7 +210,7 @@ def test_lossless_check_flags_a_broken_method_and_passes_the_engine(engine):
     assert report["compared_turns"] == 4 + 4 + 4 + 4 + 3 + 3
 
     # the same divergences under a huge bound are near-ties, except a shorter output, which never is
-    lenient = bench.check_lossless(engine, QUESTIONS, results, bound=1e9, max_new_tokens=SETTINGS.max_new_tokens)
+    lenient = check_lossless(engine, QUESTIONS, results, bound=1e9, max_new_tokens=SETTINGS.max_new_tokens)
     assert len(lenient["divergences"]) == len(report["divergences"])
     assert lenient["bugs"] == len(by_method["short"])
 
@@ -225,12 +230,12 @@ def test_command_writes_json_markdown_and_chart(saved_tiny, tmp_path):
     questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
     out = tmp_path / "run" / "result.json"
     argv = [
-        "--questions", str(questions), "--methods", ",".join(bench.BENCH_METHODS), "--out", str(out),
+        "--questions", str(questions), "--methods", ",".join(BENCH_METHODS), "--out", str(out),
         "--model", str(saved_tiny / "model"), "--head", str(saved_tiny / "head"), "--dtype", "float32",
         "--device", "cpu", "--max-new-tokens", "10", "--total-tokens", "12", "--depth", "4", "--top-k", "3",
         "--check-lossless", "--no-progress", "--threads", "1",
     ]  # fmt: skip
-    assert bench.main(argv) == 0
+    assert bench_cli.main(argv) == 0
     report = json.loads(out.read_text())
     assert set(report) == {"config", "hardware", "memory", "results", "summary", "lossless", "matched"}
     assert report["config"]["tree"] == {"total_tokens": 12, "depth": 4, "top_k": 3, "lookup": 0, "adaptive": False}
@@ -238,13 +243,13 @@ def test_command_writes_json_markdown_and_chart(saved_tiny, tmp_path):
     for key in ("cpu", "threads", "gpu", "torch", "transformers"):
         assert key in report["hardware"]
     assert report["memory"]["peak_rss_mb"] > 0
-    assert len(report["results"]) == len(QUESTIONS) * len(bench.BENCH_METHODS)
+    assert len(report["results"]) == len(QUESTIONS) * len(BENCH_METHODS)
     fields = {"question_id", "category", "method", "new_tokens", "wall_s", "cycles", "tau", "output_ids", "text"}
     for r in report["results"]:
         assert fields <= set(r)
         assert len(r["output_ids"]) == len(r["text"]) == r["turns"]
         assert r["new_tokens"] == sum(len(ids) for ids in r["output_ids"]) > 0
-    assert list(report["summary"]) == list(bench.BENCH_METHODS)
+    assert list(report["summary"]) == list(BENCH_METHODS)
     for s in report["summary"].values():
         assert set(s["overall"]) >= {"tokens_per_s", "speedup_vs_vanilla", "tau"}
         assert set(s["per_category"]) == {"writing", "qa"}
@@ -253,7 +258,7 @@ def test_command_writes_json_markdown_and_chart(saved_tiny, tmp_path):
     assert report["lossless"]["bugs"] == 0 and report["lossless"]["divergences"] == []
     # this engine's methods split their time; the transformers baselines have no such split
     for r in report["results"]:
-        if r["method"] in bench.ENGINE_METHODS:
+        if r["method"] in ENGINE_METHODS:
             phases = r["phase_ms"]
             assert set(phases) == {"prefill_ms", "draft_ms", "verify_ms"} and phases["prefill_ms"] > 0
             assert phases["prefill_ms"] + phases["draft_ms"] + phases["verify_ms"] <= r["wall_s"] * 1000
@@ -269,8 +274,8 @@ def test_command_writes_json_markdown_and_chart(saved_tiny, tmp_path):
     assert report["summary"]["vanilla"]["overall"]["head_share"] == 0.0
     # fp32: every reply is the same text, so each pair is timed over all of it
     pairs = {(m["method"], m["against"]): m for m in report["matched"]}
-    against = ("vanilla",) + bench.BASELINES
-    assert set(pairs) == {(m, a) for m in bench.ENGINE_METHODS for a in against if m != a}
+    against = ("vanilla",) + BASELINES
+    assert set(pairs) == {(m, a) for m in ENGINE_METHODS for a in against if m != a}
     shared = sum(len(ids) for r in report["results"] if r["method"] == "vanilla" for ids in r["output_ids"])
     for m in pairs.values():
         assert m["overall"]["tokens"] == shared and m["overall"]["speedup"] > 0
@@ -286,11 +291,11 @@ def test_command_refuses_lossless_check_without_vanilla_or_when_sampling(tmp_pat
     questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
     base = ["--questions", str(questions), "--out", str(tmp_path / "r.json"), "--check-lossless"]
     with pytest.raises(SystemExit, match="add vanilla"):
-        bench.main(base + ["--methods", "eagle2"])
+        bench_cli.main(base + ["--methods", "eagle2"])
     with pytest.raises(SystemExit, match="greedy"):
-        bench.main(base + ["--methods", "vanilla,eagle2", "--temperature", "0.7"])
+        bench_cli.main(base + ["--methods", "vanilla,eagle2", "--temperature", "0.7"])
     with pytest.raises(SystemExit, match="unknown method"):
-        bench.main(base + ["--methods", "vanilla,medusa"])
+        bench_cli.main(base + ["--methods", "vanilla,medusa"])
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(saved_tiny, tmp_path, monkeypatch):
@@ -301,7 +306,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(saved_tiny, tmp_path, mo
         "--model", str(saved_tiny / "model"), "--head", str(saved_tiny / "head"), "--dtype", "float32",
         "--device", "cpu", "--max-new-tokens", "8", "--no-progress", "--threads", "1",
     ]  # fmt: skip
-    real_answer, answered = bench.answer_question, []
+    real_answer, answered = runner.answer_question, []
 
     def dies_at_the_fourth(engine, method, name, question, settings):
         if len(answered) == 3:
@@ -309,18 +314,18 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(saved_tiny, tmp_path, mo
         answered.append((question["question_id"], name))
         return real_answer(engine, method, name, question, settings)
 
-    monkeypatch.setattr(bench, "answer_question", dies_at_the_fourth)
+    monkeypatch.setattr(runner, "answer_question", dies_at_the_fourth)
     with pytest.raises(KeyboardInterrupt):
-        bench.main(argv)
+        bench_cli.main(argv)
     partial = tmp_path / "result.partial.jsonl"
     assert not out.exists() and len(partial.read_text().splitlines()) == 1 + 3  # settings + three answers
 
     with pytest.raises(SystemExit, match=r"other settings \(max_new_tokens\)"):  # another max-new-tokens: no reuse
-        bench.main([a if a != "8" else "9" for a in argv] + ["--resume"])
+        bench_cli.main([a if a != "8" else "9" for a in argv] + ["--resume"])
 
     answered.clear()
-    monkeypatch.setattr(bench, "answer_question", lambda *a: (answered.append((a[3]["question_id"], a[2])), real_answer(*a))[1])
-    assert bench.main(argv + ["--resume"]) == 0
+    monkeypatch.setattr(runner, "answer_question", lambda *a: (answered.append((a[3]["question_id"], a[2])), real_answer(*a))[1])
+    assert bench_cli.main(argv + ["--resume"]) == 0
     assert answered == [(2, "eagle2"), (3, "vanilla"), (3, "eagle2")]  # only what the first run had not done
     report = json.loads(out.read_text())
     assert [(r["question_id"], r["method"]) for r in report["results"]] == [

@@ -2,8 +2,8 @@
 
 import json
 
+from engine.bench.questions import load_questions
 from engine.config import GenerationConfig, TreeConfig
-from engine.bench import load_questions
 from engine.evaluate import acceptance, markdown
 from tests.tiny import tiny_engine
 

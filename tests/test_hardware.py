@@ -5,7 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine import autotune, hardware
+from engine import hardware
+from engine.autotune import cache as autotune_cache
 from engine.hardware import isa_flags
 from tests.tiny import tiny_engine
 
@@ -34,12 +35,12 @@ def test_isa_flags_keep_the_relevant_ones_in_a_fixed_order():
 def test_the_same_cpu_with_and_without_bf16_tunes_apart(monkeypatch):
     engine = tiny_engine("llama", head="oracle")
     monkeypatch.setattr(hardware, "cpu_description", lambda: ("AMD EPYC 9654", ["avx2", "avx512f"]))
-    plain = autotune.tuning_key(engine)
+    plain = autotune_cache.tuning_key(engine)
     monkeypatch.setattr(hardware, "cpu_description", lambda: ("AMD EPYC 9654", ["avx2", "avx512f", "avx512_bf16"]))
-    with_bf16 = autotune.tuning_key(engine)
+    with_bf16 = autotune_cache.tuning_key(engine)
     assert plain["device"] == with_bf16["device"] and plain != with_bf16
     assert with_bf16["isa"] == ["avx2", "avx512f", "avx512_bf16"]
-    assert autotune.cache_path(plain) != autotune.cache_path(with_bf16)
+    assert autotune_cache.cache_path(plain) != autotune_cache.cache_path(with_bf16)
 
 
 def test_launch_path_imports_neither_the_benchmark_nor_resource():
@@ -48,7 +49,7 @@ def test_launch_path_imports_neither_the_benchmark_nor_resource():
 import sys
 import gradio, torch, transformers
 sys.modules["resource"] = None  # as on Windows: `import resource` fails from here on
-import launch, app, engine.autotune, engine.cli
+import launch, app, engine.autotune.cache, engine.cli
 from engine.hardware import hardware_info, peak_rss_mb
 assert not [m for m in sys.modules if m.startswith("engine.bench")], "the app's launch path imports the benchmark"
 assert peak_rss_mb() is None and hardware_info(torch.device("cpu"))["cpu"]

@@ -6,23 +6,15 @@ import json
 import pytest
 import torch
 
-from engine import train
 from engine.config import GenerationConfig, TreeConfig
 from engine.decode import Engine
 from engine.head import DraftHead, head_config_for, load_head
-from engine.train import (
-    DataConfig,
-    FitConfig,
-    answered_prompts,
-    draft_vocabulary,
-    export,
-    fit,
-    generate_data,
-    load_sequences,
-    read_prompts,
-    shard_tensors,
-    unrolled_predictions,
-)
+from engine.train import clock as train_clock
+from engine.train.data import DataConfig, generate_data, read_prompts
+from engine.train.export import export
+from engine.train.features import answered_prompts, load_sequences, shard_tensors
+from engine.train.fit import FitConfig, fit, unrolled_predictions
+from engine.train.vocab import draft_vocabulary
 from engine.verify import base_model
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -166,7 +158,7 @@ def test_unrolled_training_reports_each_step_and_stops_on_time(tmp_path, monkeyp
     run2 = tmp_path / "run2"
     run2.mkdir()
     clock = itertools.count()
-    monkeypatch.setattr(train, "now", lambda: float(next(clock)))  # one second per look at the clock
+    monkeypatch.setattr(train_clock, "now", lambda: float(next(clock)))  # one second per look at the clock
     limited = fit(model, seqs, run2, FitConfig(**{**cfg.__dict__, "fit_minutes": 25 / 60}), log=lambda m: None)
     stopped = limited.history[-1]
     assert stopped["stopped_early"] and 20 < stopped["step"] < cfg.steps
@@ -215,7 +207,7 @@ def test_data_answers_each_prompt_once_per_temperature(tmp_path):
 def test_data_time_budget_starts_no_shard_past_it(tmp_path, monkeypatch):
     model, tokenizer = tiny_model("llama", layers=1, seed=2), tiny_tokenizer()
     clock = itertools.count(step=10)
-    monkeypatch.setattr(train, "now", lambda: float(next(clock)))  # every shard takes 10 s
+    monkeypatch.setattr(train_clock, "now", lambda: float(next(clock)))  # every shard takes 10 s
     run = tmp_path / "run"
     cfg = DataConfig(limit=4, max_new_tokens=4, batch_size=1, shard_size=1, data_minutes=0.75)
     generate_data(model, tokenizer, [f"p {c}" for c in "abcd"], run, cfg)

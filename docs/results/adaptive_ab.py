@@ -11,7 +11,7 @@ import time
 from collections import defaultdict
 from dataclasses import replace
 
-from engine import bench
+from engine.bench.questions import load_questions
 from engine.cli import add_engine_arguments, engine_from_args
 from engine.config import GenerationConfig, TreeConfig
 
@@ -28,7 +28,7 @@ def main() -> None:
     parser.set_defaults(dtype="bfloat16", threads=2)
     args = parser.parse_args()
     engine, _ = engine_from_args(args, need_head=True)
-    questions = bench.load_questions(args.questions)
+    questions = load_questions(args.questions)
     chosen = [
         q for c in args.categories.split(",") for q in [q for q in questions if q["category"] == c][: args.per_category]
     ]

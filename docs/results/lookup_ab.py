@@ -10,9 +10,11 @@ import argparse
 import functools
 
 import engine.decode
-from engine import bench
+from engine.bench.methods import EngineMethod
+from engine.bench.questions import BenchSettings, load_questions
+from engine.bench.runner import run_benchmark
+from engine.bench.stats import matched_speedups, summarize
 from engine.cli import add_engine_arguments, engine_from_args
-from engine.bench import BenchSettings, EngineMethod
 from engine.config import TreeConfig
 from engine.lookup import lookup_chain
 
@@ -40,14 +42,14 @@ def main() -> None:
     parser.set_defaults(dtype="bfloat16", threads=2)
     args = parser.parse_args()
     eng, _ = engine_from_args(args, need_head=True)
-    questions = bench.load_questions(args.questions, per_category=args.per_category)
+    questions = load_questions(args.questions, per_category=args.per_category)
     method = EngineMethod(eng, "eagle2_lookup")
     rules = {"3,2,1": lookup_chain, "3,2": functools.partial(lookup_chain, ngrams=(3, 2))}
     methods = {name: WithRule(method, rule) for name, rule in rules.items()}
     settings = BenchSettings(tree=TreeConfig(*map(int, args.tree.split(","))))
-    rows = bench.run_benchmark(eng, methods, questions, settings, progress=True)
-    (matched,) = bench.matched_speedups(rows, against=["3,2"])
-    summary = bench.summarize(rows)
+    rows = run_benchmark(eng, methods, questions, settings, progress=True)
+    (matched,) = matched_speedups(rows, against=["3,2"])
+    summary = summarize(rows)
     print("3,2,1 against 3,2 on the text both replies share (above 1: the fallback is faster)")
     for category, m in [*matched["per_category"].items(), ("overall", matched["overall"])]:
         taus = [(summary[r]["overall"] if category == "overall" else summary[r]["per_category"][category])["tau"] for r in ("3,2", "3,2,1")]

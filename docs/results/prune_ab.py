@@ -7,7 +7,7 @@ per category (the 4th of each in the file), first turn, 128 new tokens, bf16, tw
 
 import argparse
 
-from engine import bench
+from engine.bench.questions import load_questions
 from engine.cli import add_engine_arguments, engine_from_args
 from engine.config import GenerationConfig, TreeConfig
 from engine.draft import Drafter
@@ -22,7 +22,7 @@ def main() -> None:
     parser.set_defaults(dtype="bfloat16", threads=2)
     args = parser.parse_args()
     engine, _ = engine_from_args(args, need_head=True)
-    questions = bench.load_questions(args.questions)
+    questions = load_questions(args.questions)
     categories = dict.fromkeys(q["category"] for q in questions)
     chosen = [[q for q in questions if q["category"] == c][3] for c in categories]
     prompts = [engine.chat_ids([{"role": "user", "content": q["turns"][0]}]) for q in chosen]

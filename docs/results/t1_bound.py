@@ -21,7 +21,7 @@ import json
 import torch
 from tqdm import tqdm
 
-from engine import bench
+from engine.bench.questions import load_questions, turn_prompt
 from engine.cli import add_engine_arguments, engine_from_args
 from engine.kv import new_cache
 from engine.verify import target_forward
@@ -69,13 +69,13 @@ def main() -> None:
     args = parser.parse_args()
     engine, _ = engine_from_args(args, need_head=False)
     model = engine.model
-    questions = {q["question_id"]: q for q in bench.load_questions(args.questions)}
+    questions = {q["question_id"]: q for q in load_questions(args.questions)}
     report = json.load(open(args.answers))
     assert report["config"]["temperature"] > 0, "the bound is for sampling: pass a run with --temperature > 0"
     contexts = []
     for row in report["results"]:
         if row["method"] == "vanilla":
-            prompt = bench.turn_prompt(engine, questions[row["question_id"]], [], report["config"]["max_new_tokens"])
+            prompt = turn_prompt(engine, questions[row["question_id"]], [], report["config"]["max_new_tokens"])
             reply = row["output_ids"][0]
             contexts += [prompt + reply[:t] for t in range(0, len(reply) - 1, args.stride)]
     sums = torch.zeros(max(BUDGETS))

@@ -1,0 +1,5 @@
+import sys
+
+from engine.autotune.cli import main
+
+sys.exit(main())

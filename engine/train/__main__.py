@@ -1,0 +1,3 @@
+from engine.train.cli import main
+
+main()
