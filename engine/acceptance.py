@@ -5,17 +5,19 @@ first launch only times this machine's forwards (seconds) instead of calibrating
 in the sampled calibration's target forwards on CPUs without fast bf16). The table lives beside the
 head's weights as `acceptance.json`:
 
-  {"format": 1, "head_sha256": first 16 hex digits of engine.head.weights_digest,
+  {"format": 1, "head_sha256": first 16 hex digits of the weights file's sha256,
    "target": what produced the answers (model and backend), "command": how it was made,
    "greedy": {"samples": n, "table": [[total_tokens, depth, top_k, tau], ...]},
    "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "samples": n, "table": [...]}}
 
-A table whose head_sha256 is not the loaded head's is ignored (the head was retrained or replaced).
+A table whose head_sha256 is not that of the head's weights file beside it is ignored: the head was
+retrained or replaced.
 
     python -m engine.acceptance --backend int8 --tokens 128 --out HEAD/acceptance.json
 """
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -23,11 +25,23 @@ from dataclasses import asdict
 from pathlib import Path
 
 from engine.config import SamplingConfig
-from engine.head import weights_digest
 
 FORMAT = 1
 FILE = "acceptance.json"
 SAMPLING = SamplingConfig(temperature=1.0)  # the sampling settings the app's sampling tree is tuned for
+
+
+def head_digest(head_dir: Path) -> str:
+    """sha256 of the head folder's weights file (first 16 hex digits): the same whatever dtype it runs in."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = Path(head_dir) / name
+        if path.is_file():
+            digest = hashlib.sha256()
+            with open(path, "rb") as file:
+                for chunk in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(chunk)
+            return digest.hexdigest()[:16]
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {head_dir}")
 
 
 def _table(acceptance) -> dict:
@@ -40,15 +54,16 @@ def _measured(entry: dict):
     return MeasuredAcceptance({tuple(row[:3]): row[3] for row in entry["table"]}, entry["samples"])
 
 
-def load_shipped(head, head_dir: Path | None, sampling: SamplingConfig = SamplingConfig()):
-    """The head's shipped `MeasuredAcceptance` for greedy decoding or for `SAMPLING`, else None."""
+def load_shipped(head_dir: Path | None, sampling: SamplingConfig = SamplingConfig()):
+    """The shipped `MeasuredAcceptance` of the head in `head_dir` for greedy decoding or for `SAMPLING`,
+    else None."""
     if head_dir is None or not (Path(head_dir) / FILE).is_file():
         return None
     try:
         data = json.loads((Path(head_dir) / FILE).read_text())
     except (OSError, ValueError):
         return None
-    if data.get("format") != FORMAT or data.get("head_sha256") != weights_digest(head)[:16]:
+    if data.get("format") != FORMAT or data.get("head_sha256") != head_digest(head_dir):
         return None
     if sampling.greedy:
         return _measured(data["greedy"]) if "greedy" in data else None
@@ -74,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampling-stride", type=int, default=4, help="the same for the sampled calibration")
     parser.add_argument("--out", required=True, help="where to write the table (normally HEAD/acceptance.json)")
     args = parser.parse_args(argv)
-    engine, _ = engine_from_args(args, need_head=True)
+    engine, head_path = engine_from_args(args, need_head=True)
     prompts = read_prompts(args.prompts, args.count) if args.prompts else list(CALIBRATION_PROMPTS[: args.count])
     print(f"[eagle-chat] greedy answers to {len(prompts)} prompts", file=sys.stderr)
     answers = reference_answers(engine, prompts, args.tokens)
@@ -85,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     name = Path(getattr(engine.model.config, "_name_or_path", "") or "model").name
     data = {
         "format": FORMAT,
-        "head_sha256": weights_digest(engine.head)[:16],
+        "head_sha256": head_digest(Path(head_path)),
         "target": f"{name} {backend_name(engine.model)}",
         "command": "python -m engine.acceptance " + " ".join(argv if argv is not None else sys.argv[1:]),
         "greedy": _table(greedy),

@@ -78,13 +78,13 @@ class CpuTuning:
         )  # fmt: skip
 
 
-def backend_key(model, head, candidates: tuple[str, ...]) -> dict:
+def backend_key(model, head_dir: Path, candidates: tuple[str, ...]) -> dict:
     hw = hardware_info(torch.device("cpu"))
     config = model.config
     return {
         "model": getattr(config, "_name_or_path", "") or config.model_type,
         "model_shape": [config.hidden_size, config.num_hidden_layers, config.vocab_size],
-        "head_sha256": head_digest(head),
+        "head_sha256": head_digest(head_dir),
         "cpu": hw["cpu"],
         "isa": hw["isa"],
         "threads": hw["threads"],
@@ -124,8 +124,7 @@ def tune_cpu(
 ) -> tuple[Engine, CpuTuning]:  # fmt: skip
     """The engine on the chosen backend (the head loaded on it) and the tuning behind the choice."""
     candidates = candidates or cpu_candidates()
-    head = load_head(head_dir, fp32_model)
-    key = backend_key(fp32_model, head, candidates)
+    key = backend_key(fp32_model, head_dir, candidates)
     path = backend_cache_path(key, cache)
     if not retune and path.is_file():
         try:
@@ -146,7 +145,7 @@ def tune_cpu(
             engines[name] = Engine(model, tokenizer, load_head(head_dir, model))
         return engines[name]
 
-    greedy_acceptance, sampled_acceptance = load_shipped(head, head_dir), load_shipped(head, head_dir, SAMPLING)
+    greedy_acceptance, sampled_acceptance = load_shipped(head_dir), load_shipped(head_dir, SAMPLING)
     source = "shipped" if greedy_acceptance is not None else "calibrated"
     if greedy_acceptance is None:
         _say(progress, "calibrating the head's acceptance (no table shipped with this head)")
