@@ -16,6 +16,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, head: bool = True) -> 
     parser.add_argument("--model", default=None, help="HF id, local folder or .gguf (default: SmolLM2-135M-Instruct)")
     if head:
         parser.add_argument("--head", default=None, help="draft head folder (default: the shipped head)")
+    parser.add_argument(
+        "--backend", default=None,
+        help="how the target runs: int8 (CPU), fp32, bf16, fp16, bnb-8bit, bnb-4bit; overrides --dtype and the "
+        "quantization flags (engine/backend.py)",
+    )
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     quant = parser.add_mutually_exclusive_group()
@@ -32,7 +37,12 @@ def model_spec(args: argparse.Namespace):
     """The `ModelSpec` that --model, --dtype, --device and the quantization flags name."""
     from engine.models import ModelSpec
 
-    return ModelSpec(args.model, args.dtype, args.device, quantization_of(args))
+    spec = ModelSpec(args.model, args.dtype, args.device, quantization_of(args))
+    if getattr(args, "backend", None):
+        from engine.backend import spec_for
+
+        spec = spec_for(args.backend, spec)
+    return spec
 
 
 def head_folder(head: str | None) -> tuple[Path, bool]:
