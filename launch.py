@@ -70,6 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "verifying only the copied branch or one token, and probe it again now and then. Greedy output is "
         "unchanged. Off by default: on this project's 2-core CPU it broke even (README, Performance).",
     )
+    m.add_argument(
+        "--backend", default="auto", choices=("auto", "int8", "fp32", "bf16", "fp16", "bnb-8bit", "bnb-4bit"),
+        help="how the target runs. auto (default): on a CPU, int8, fp32 and bf16 are timed on this machine "
+        "(seconds, then cached) and the one that gives the most tokens/s is kept, with vanilla decoding as "
+        "the default method where no draft tree pays; on CUDA, bf16 (fp16 where unsupported). int8: int8 "
+        "weights and activations (CPU); its replies are the int8 model's own. --dtype and --load-in-* also "
+        "pick a backend.",
+    )
     m.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N. Default: auto.")
     m.add_argument(
         "--dtype", default="auto",
@@ -159,42 +167,77 @@ def main(argv: list[str] | None = None) -> int:
     from engine.cli import head_folder, model_spec
     from engine.decode import Engine
     from engine.head import load_head
-    from engine.models import load_target
+    from engine.backend import spec_for
+    from engine.models import load_target, resolve_device
 
     done(t)
 
+    head_path, found = (None, False) if args.no_head else head_folder(args.head)
+    if not args.no_head and args.head is None and not found:
+        print(
+            f"warning: no draft head at {head_path}; only vanilla decoding is available. "
+            f"Pass --head PATH to use one (or --no-head to silence this).",
+            file=sys.stderr, flush=True,
+        )
+    spec = model_spec(args)
+    measure = args.backend == "auto" and spec.dtype == "auto" and spec.quantization is None
+    measure = measure and resolve_device(spec.device).type == "cpu"
+    if args.backend != "auto":
+        spec = spec_for(args.backend, spec)
+    elif measure:
+        spec = spec_for("fp32", spec)  # the candidates are derived from the float32 weights
     t = step(f"Loading the model ({args.model or 'default: SmolLM2-135M-Instruct'})")
     try:
-        model, tokenizer = load_target(model_spec(args))
+        model, tokenizer = load_target(spec)
     # ModelLoadError is a RuntimeError; ImportError/RuntimeError also cover bitsandbytes without CUDA.
     except (RuntimeError, ValueError, OSError, ImportError) as err:
         return fail(f"could not load the model: {err}")
     done(t)
 
-    head = None
-    if not args.no_head:
-        head_path, found = head_folder(args.head)
-        if args.head is None and not found:
-            print(
-                f"warning: no draft head at {head_path}; only vanilla decoding is available. "
-                f"Pass --head PATH to use one (or --no-head to silence this).",
-                file=sys.stderr, flush=True,
-            )
-        else:
+    head, tuning, backend_note = None, None, ""
+    if measure and found:
+        from engine.autotune.backends import tune_cpu
+
+        t = step("Choosing the backend and the draft trees for this CPU (timed once, then cached)")
+        try:
+            engine, tuning = tune_cpu(model, tokenizer, head_path, progress=True)
+        except (ValueError, OSError) as err:
+            return fail(f"could not load the draft head: {err}")
+        del model
+        head = engine.head
+        backend_note = tuning.choice.reason()
+        done(t, backend_note)
+    else:
+        if measure:  # no head: only vanilla decoding runs, so the fastest one-token step wins
+            from engine.autotune.backends import fastest_vanilla
+
+            t = step("Choosing the backend for this CPU (no draft head: the fastest one-token step)")
+            model, timings = fastest_vanilla(model)
+            backend_note = ", ".join(f"{name} {ms:.1f} ms" for name, ms in timings.items()) + " per token"
+            done(t, backend_note)
+        if found:
             t = step(f"Loading the draft head ({head_path})")
             try:
                 head = load_head(head_path, model)
             except (ValueError, OSError) as err:
                 return fail(f"could not load the draft head: {err}")
             done(t)
-
-    engine = Engine(model, tokenizer, head)
+        engine = Engine(model, tokenizer, head)
     print(f"• Engine ready: {engine.describe()}", flush=True)
     tree = TreeConfig()
     tree_note = f"EAGLE-2 paper defaults ({tree.describe()})"
     sampling_tree, sampling_note = None, ""
+    default_method = "eagle2" if head is not None else "vanilla"
+    if tuning is not None:
+        default_method = tuning.choice.method
     if isinstance(tree_arg, TreeConfig):
         tree, tree_note = tree_arg, "set by --tree"
+    elif tuning is not None and tree_arg == "auto":
+        tree, tree_note = tuning.greedy.tree, tuning.greedy.summary()
+        print(f"• {tree_note}", flush=True)
+        if sampling_tree_arg == "auto":
+            sampling_tree, sampling_note = tuning.sampling.tree, tuning.sampling.summary()
+            print(f"• {sampling_note}", flush=True)
     elif head is not None and tree_arg == "auto":
         from engine.autotune.cache import load_or_tune_result
         from engine.config import SamplingConfig
@@ -202,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         t = step("Auto-tuning the draft tree for this machine (cached after the first run)")
         tuned = load_or_tune_result(engine, progress=True)
         tree, tree_note = tuned.tree, tuned.summary()
+        if tuned.speedup < 1.0:  # never run by default what this machine measured slower than vanilla
+            default_method = "vanilla"
         done(t)
         print(f"• {tree_note}", flush=True)
         if sampling_tree_arg == "auto":
@@ -228,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(err))
     options = AppOptions(
         examples=examples, max_new_tokens=args.max_new_tokens, tree=tree, tree_note=tree_note,
-        sampling_tree=sampling_tree, sampling_tree_note=sampling_note,
+        sampling_tree=sampling_tree, sampling_tree_note=sampling_note, default_method=default_method,
+        backend_note=backend_note,
     )
     demo = build_ui(engine, options)
 

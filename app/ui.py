@@ -67,6 +67,8 @@ class AppOptions:
     tree_note: str = "EAGLE-2 paper defaults"  # where the default tree came from, shown in the sidebar
     sampling_tree: TreeConfig | None = None  # the tree for temperature > 0 (None: the same as `tree`)
     sampling_tree_note: str = ""
+    default_method: str | None = None  # the method selected on load (None: EAGLE-2 when a head is loaded)
+    backend_note: str = ""  # why this backend runs the target (launch.py's measurement), shown in the sidebar
 
 
 def load_examples(path: str | Path = EXAMPLES_PATH) -> tuple[str, ...]:
@@ -78,6 +80,17 @@ def load_examples(path: str | Path = EXAMPLES_PATH) -> tuple[str, ...]:
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"{path} must hold a JSON list of strings")
     return tuple(prompts)
+
+
+def promise(engine) -> str:
+    """What greedy decoding guarantees for the backend that runs, in one sentence for the header."""
+    name = engine.describe().split(" · ")[0]
+    if engine.backend in ("bf16", "fp16"):
+        return (
+            f"With temperature 0 the reply is the one {name} ({engine.backend}) writes alone, except where two "
+            f"tokens tie to within {engine.backend} rounding: there the texts can part (docs/performance.md)."
+        )
+    return f"With temperature 0 the reply is exactly the one {name} ({engine.backend}) writes alone."
 
 
 def available_methods(engine) -> list[str]:
@@ -103,6 +116,7 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
     options = options or AppOptions()
     methods = available_methods(engine)
     choices = [(method_label(m), m) for m in methods]
+    first = options.default_method if options.default_method in methods else methods[0]
 
     def tree_at(session: ChatSession, position: int) -> str:
         if not session.cycles:
@@ -303,16 +317,18 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
             f"## {options.title}\n"
             f"<span class='engine-line'>{engine.describe()}</span> — a small draft head guesses a tree of "
             "next tokens; the model checks the whole tree in one pass and keeps the longest path it agrees "
-            "with. With temperature 0 the reply is exactly what the model alone would write."
+            f"with. {promise(engine)}"
         )
         with gr.Sidebar(label="Settings", open=True, width=310):
             system_prompt = gr.Textbox(label="System prompt", value=options.system_prompt, lines=3)
-            method = gr.Dropdown(choices, value=methods[0], label="Method (chat)", elem_id="method")
+            method = gr.Dropdown(choices, value=first, label="Method (chat)", elem_id="method")
             max_new = gr.Slider(1, options.max_new_tokens_limit, value=options.max_new_tokens, step=1, label="Max new tokens")
-            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy: identical text to vanilla", elem_id="temperature")
+            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy: the same text as vanilla decoding", elem_id="temperature")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p")
             top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k", info="0 = off")
             seed = gr.Number(-1, precision=0, label="Seed", info="-1 = random (used when temperature > 0)")
+            if options.backend_note:
+                gr.Markdown(f"<small>Backend: {html.escape(options.backend_note)}</small>", elem_id="backend-note")
             with gr.Accordion("Draft tree", open=True):
                 note = f"Defaults: {options.tree_note}"
                 if options.sampling_tree is not None:

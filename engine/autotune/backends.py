@@ -192,3 +192,30 @@ def tune_cpu(
     partial.write_text(json.dumps({"key": key, **tuning.to_json()}, indent=1) + "\n")
     os.replace(partial, path)
     return engine, tuning
+
+
+@torch.no_grad()
+def fastest_vanilla(fp32_model, candidates: tuple[str, ...] | None = None, repeats: int = 5):
+    """Without a draft head only vanilla decoding runs: the backend with the fastest one-token step
+    after a typical context. Returns (model, {backend: ms})."""
+    from engine.autotune.costs import _median_ms
+    from engine.kv import new_cache
+    from engine.verify import target_forward
+
+    candidates = candidates or cpu_candidates()
+    timings, models = {}, {}
+    context = torch.arange(CONTEXT_TOKENS) % fp32_model.config.vocab_size
+    for name in candidates:
+        model = variant(fp32_model, name)
+        cache = new_cache(model)
+        target_forward(model, context, torch.arange(CONTEXT_TOKENS), None, cache, logits=False)
+        token, position = context[-1:], torch.tensor([CONTEXT_TOKENS])
+
+        def step(model=model, cache=cache):
+            target_forward(model, token, position, None, cache)
+            cache.crop(-1)
+
+        timings[name] = _median_ms(step, repeats)
+        models[name] = model
+    best = min(timings, key=timings.get)
+    return models[best], timings
