@@ -9,7 +9,7 @@ import pytest
 from engine.bench import cli as bench_cli
 from engine.bench import runner
 from engine.bench.lossless import check_lossless
-from engine.bench.methods import BASELINES, BENCH_METHODS, ENGINE_METHODS, EngineMethod, HFGenerateMethod, TurnOutput
+from engine.bench.methods import BASELINES, DEFAULT_METHODS, ENGINE_METHODS, EngineMethod, HFGenerateMethod, TurnOutput
 from engine.bench.questions import BenchSettings, load_questions
 from engine.bench.runner import run_benchmark
 from engine.bench.stats import matched_speedups, summarize
@@ -230,7 +230,7 @@ def test_command_writes_json_markdown_and_chart(saved_tiny, tmp_path):
     questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
     out = tmp_path / "run" / "result.json"
     argv = [
-        "--questions", str(questions), "--methods", ",".join(BENCH_METHODS), "--out", str(out),
+        "--questions", str(questions), "--methods", ",".join(DEFAULT_METHODS), "--out", str(out),
         "--model", str(saved_tiny / "model"), "--head", str(saved_tiny / "head"), "--dtype", "float32",
         "--device", "cpu", "--max-new-tokens", "10", "--total-tokens", "12", "--depth", "4", "--top-k", "3",
         "--check-lossless", "--no-progress", "--threads", "1",
@@ -243,13 +243,13 @@ def test_command_writes_json_markdown_and_chart(saved_tiny, tmp_path):
     for key in ("cpu", "threads", "gpu", "torch", "transformers"):
         assert key in report["hardware"]
     assert report["memory"]["peak_rss_mb"] > 0
-    assert len(report["results"]) == len(QUESTIONS) * len(BENCH_METHODS)
+    assert len(report["results"]) == len(QUESTIONS) * len(DEFAULT_METHODS)
     fields = {"question_id", "category", "method", "new_tokens", "wall_s", "cycles", "tau", "output_ids", "text"}
     for r in report["results"]:
         assert fields <= set(r)
         assert len(r["output_ids"]) == len(r["text"]) == r["turns"]
         assert r["new_tokens"] == sum(len(ids) for ids in r["output_ids"]) > 0
-    assert list(report["summary"]) == list(BENCH_METHODS)
+    assert list(report["summary"]) == list(DEFAULT_METHODS)
     for s in report["summary"].values():
         assert set(s["overall"]) >= {"tokens_per_s", "speedup_vs_vanilla", "tau"}
         assert set(s["per_category"]) == {"writing", "qa"}
@@ -274,7 +274,7 @@ def test_command_writes_json_markdown_and_chart(saved_tiny, tmp_path):
     assert report["summary"]["vanilla"]["overall"]["head_share"] == 0.0
     # fp32: every reply is the same text, so each pair is timed over all of it
     pairs = {(m["method"], m["against"]): m for m in report["matched"]}
-    against = ("vanilla",) + BASELINES
+    against = ("vanilla",) + tuple(b for b in BASELINES if b in DEFAULT_METHODS)
     assert set(pairs) == {(m, a) for m in ENGINE_METHODS for a in against if m != a}
     shared = sum(len(ids) for r in report["results"] if r["method"] == "vanilla" for ids in r["output_ids"])
     for m in pairs.values():

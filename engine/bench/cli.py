@@ -13,7 +13,7 @@ import engine.bench as package
 from engine.autotune.cache import load_or_tune
 from engine.bench.checkpoint import Checkpoint
 from engine.bench.lossless import MARGIN_BOUNDS, check_lossless
-from engine.bench.methods import BENCH_METHODS, build_methods
+from engine.bench.methods import BENCH_METHODS, DEFAULT_METHODS, build_methods
 from engine.bench.questions import BenchSettings, load_questions
 from engine.bench.report import fmt, write_report
 from engine.bench.runner import MemoryMeter, run_benchmark
@@ -35,6 +35,7 @@ def run_settings(args, questions: list[dict], names: list[str], head_path, engin
         "model": args.model,
         "head": head_path,
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "backend": engine.backend,
         "device": str(engine.device),
         "quantization": quantization_of(args),
         "threads": torch.get_num_threads(),
@@ -42,10 +43,58 @@ def run_settings(args, questions: list[dict], names: list[str], head_path, engin
     }
 
 
+def measured_engine(args):
+    """`--backend auto` on a CPU: the engine launch.py would build, and the tuning behind it."""
+    from engine.autotune.backends import tune_cpu
+    from engine.backend import spec_for
+    from engine.cli import head_folder, model_spec
+    from engine.models import load_target, resolve_device
+
+    spec = model_spec(args)
+    if resolve_device(spec.device).type != "cpu":
+        raise SystemExit("--backend auto measures CPU backends; on a GPU name one (--backend bf16)")
+    path, found = head_folder(args.head)
+    if not found:
+        raise SystemExit(f"--backend auto tunes with a draft head; none at {path} (pass --head PATH)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_target(spec_for("fp32", spec))
+    engine, tuning = tune_cpu(model, tokenizer, path, progress=not args.no_progress)
+    return engine, str(path), tuning
+
+
+def gguf_of(args) -> str | None:
+    """The GGUF file the target comes from (llama_cpp runs it): the default model's, or --model FILE.gguf."""
+    from engine.models import default_gguf
+
+    if args.model is None:
+        return str(default_gguf(progress=False))
+    return args.model if str(args.model).endswith(".gguf") else None
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, with "+changes" when the work tree differs from it; None outside git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True)  # fmt: skip
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.bench", description=package.__doc__.split("\n\n")[0])
     parser.add_argument("--questions", required=True, help="Spec-Bench style jsonl (question_id, category, turns)")
-    parser.add_argument("--methods", default=",".join(BENCH_METHODS), help=", ".join(BENCH_METHODS))
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS),
+        help=f"{', '.join(BENCH_METHODS)} (default: all but llama_cpp, which needs llama-cpp-python)",
+    )
     parser.add_argument("--out", required=True, help="result JSON path; .md and .png are written beside it")
     parser.add_argument("--limit", type=int, default=None, help="keep the first N questions (after --per-category)")
     parser.add_argument("--per-category", type=int, default=None, help="keep N questions per category, evenly spaced")
@@ -83,11 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_lossless and args.temperature > 0:
         raise SystemExit("--check-lossless needs greedy decoding (--temperature 0): sampled tokens differ by design")
     questions = load_questions(args.questions, args.limit, args.per_category)
-    engine, head_path = engine_from_args(args, need_head=any(m.startswith("eagle") for m in names))
     tree = TreeConfig(args.total_tokens, args.depth, args.top_k)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
-    if args.autotune:  # tuned for this sampling: it changes acceptance, so the best tree
-        tree = load_or_tune(engine, progress=not args.no_progress, sampling=sampling)
+    choice = None
+    if args.backend == "auto":  # the app's default: backend and trees measured on this CPU (launch.py)
+        engine, head_path, tuning = measured_engine(args)
+        choice = {"backend": tuning.choice.backend, "method": tuning.choice.method, "reason": tuning.choice.reason(),
+                  "acceptance": tuning.acceptance_source}  # fmt: skip
+        tree = tuning.greedy.tree if sampling.greedy else tuning.sampling.tree
+    else:
+        engine, head_path = engine_from_args(args, need_head=any(m.startswith("eagle") for m in names))
+        if args.autotune:  # tuned for this sampling: it changes acceptance, so the best tree
+            tree = load_or_tune(engine, progress=not args.no_progress, sampling=sampling)
     settings = BenchSettings(
         max_new_tokens=args.max_new_tokens,
         sampling=sampling,
@@ -104,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resuming: {len(done)} answer(s) reused from {checkpoint.path}", file=sys.stderr)
     checkpoint.start(done)
     results = run_benchmark(
-        engine, build_methods(engine, names), questions, settings, not args.no_progress, memory, done, checkpoint.record
+        engine, build_methods(engine, names, gguf_of(args)), questions, settings, not args.no_progress, memory, done, checkpoint.record
     )
 
     dtype, quantization = checkpoint.settings["dtype"], checkpoint.settings["quantization"]
@@ -122,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": dtype,
             "device": str(engine.device),
             "quantization": quantization,
+            "backend": engine.backend,
+            "backend_choice": choice,  # --backend auto: what was measured and why this backend
+            "commit": git_commit(),
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature,
             "top_p": args.top_p,

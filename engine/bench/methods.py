@@ -17,8 +17,9 @@ from engine.decode import Engine
 from engine.detok import IncrementalDetokenizer
 
 ENGINE_METHODS = ("vanilla", "eagle1", "eagle2", "eagle2_lookup", "eagle2_adaptive")
-BASELINES = ("hf_generate", "hf_prompt_lookup")
+BASELINES = ("hf_generate", "hf_prompt_lookup", "llama_cpp")
 BENCH_METHODS = ENGINE_METHODS + BASELINES
+DEFAULT_METHODS = ENGINE_METHODS + ("hf_generate", "hf_prompt_lookup")  # llama_cpp needs an optional extra
 
 
 @dataclass
@@ -131,11 +132,58 @@ class HFGenerateMethod:
         return TurnOutput(new_ids, detok.text, wall_s, max(forwards[0] - 1, 0), reason, marks=clock.marks)
 
 
-def build_methods(engine: Engine, names: list[str]) -> dict[str, Method]:
+class LlamaCppMethod:
+    """llama.cpp (llama-cpp-python, an optional extra) decoding the GGUF file the target was converted
+    from, with the same prompt token ids and CPU threads: what a CPU user would run instead. Greedy is
+    llama.cpp's temperature 0; sampling uses its own samplers (temperature, top-p, top-k, no min-p), so
+    only greedy runs compare token for token. Tokens/s includes prefill, like every method here."""
+
+    def __init__(self, engine: Engine, gguf: str | None, context: int = 4096):
+        try:
+            import llama_cpp
+        except ImportError as error:
+            raise ValueError(
+                "llama_cpp needs llama-cpp-python, an optional extra: "
+                'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python (builds from source, ~15 min on 2 cores)'
+            ) from error
+        if gguf is None:
+            raise ValueError("llama_cpp runs a GGUF file: use the default model or pass --model FILE.gguf")
+        self.engine = engine
+        self.llm = llama_cpp.Llama(
+            model_path=str(gguf), n_ctx=context, n_threads=torch.get_num_threads(),
+            n_threads_batch=torch.get_num_threads(), verbose=False,
+        )  # fmt: skip
+        self.version = llama_cpp.__version__
+
+    def run(self, prompt_ids: list[int], settings: BenchSettings) -> TurnOutput:
+        sampling, eos = settings.sampling, self.engine.eos_ids
+        if sampling.greedy:
+            options = dict(temp=0.0, top_k=1, top_p=1.0, min_p=0.0)
+        else:
+            options = dict(temp=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=0.0)
+            self.llm.set_seed(settings.seed)
+        start = time.perf_counter()
+        new_ids, marks = [], []
+        for token in self.llm.generate(prompt_ids, repeat_penalty=1.0, reset=True, **options):
+            new_ids.append(int(token))
+            marks.append([len(new_ids), round(time.perf_counter() - start, 5)])
+            if token in eos or len(new_ids) >= settings.max_new_tokens:
+                break
+        wall_s = time.perf_counter() - start
+        detok = IncrementalDetokenizer(self.engine.tokenizer)
+        detok.add([t for t in new_ids if t not in eos])
+        reason = "eos" if new_ids and new_ids[-1] in eos else "max_new_tokens"
+        return TurnOutput(new_ids, detok.text, wall_s, max(len(new_ids) - 1, 0), reason, marks=marks)
+
+
+def build_methods(engine: Engine, names: list[str], gguf: str | None = None) -> dict[str, Method]:
+    """The methods by name; `gguf` is the file llama_cpp runs (the target's source)."""
     methods = {}
     for name in names:
         if name in ENGINE_METHODS:
             methods[name] = EngineMethod(engine, name)
+        elif name == "llama_cpp":
+            methods[name] = LlamaCppMethod(engine, gguf)
         elif name in BASELINES:
             methods[name] = HFGenerateMethod(engine, prompt_lookup=name == "hf_prompt_lookup")
         else:

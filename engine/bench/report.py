@@ -13,14 +13,16 @@ def markdown_report(report: dict) -> str:
     categories = list(dict.fromkeys(c for s in summary.values() for c in s["per_category"]))
     gpu = f", {hw['gpu']}" if hw.get("gpu") else ""
     lines = [
-        f"Hardware: {hw['cpu']} ({hw['threads']} threads){gpu}; torch {hw['torch']}, transformers "
-        f"{hw['transformers']}. Model {cfg['model'] or 'default'}, {cfg['dtype']}, {cfg['device']}; "
+        f"Hardware: {hw['cpu']} ({hw['threads']} threads; {' '.join(hw.get('isa') or []) or 'ISA not recorded'})"
+        f"{gpu}; torch {hw['torch']}, transformers {hw['transformers']}. Commit {cfg.get('commit') or 'not recorded'}. "
+        f"Model {cfg['model'] or 'default'}, backend {cfg.get('backend') or cfg['dtype']}, {cfg['device']}; "
         f"T={cfg['temperature']}, {cfg['max_new_tokens']} new tokens, {cfg['question_count']} questions; "
         f"tree {cfg['tree']['total_tokens']}/{cfg['tree']['depth']}/{cfg['tree']['top_k']} "
         f"(total tokens/depth/top-k). Peak RSS {fmt(report['memory']['peak_rss_mb'], '.0f', ' MB')}.",
         "",
         f"Command: `{cfg['command']}`",
         "",
+        *([f"Backend choice: {cfg['backend_choice']['reason']}.", ""] if cfg.get("backend_choice") else []),
         "| method | tokens/s | speedup vs vanilla | τ | peak GPU memory |",
         "|---|---:|---:|---:|---:|",
     ]
