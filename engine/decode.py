@@ -14,20 +14,22 @@ draft depth, engine/draft.py).
 """
 
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from engine.config import GenerationConfig, TreeConfig
+from engine.config import GenerationConfig
 from engine.detok import IncrementalDetokenizer
 from engine.draft import Drafter
 from engine.events import CycleEvent, EndEvent, StartEvent, Totals, TreeView
 from engine.gate import HeadGate
 from engine.head import DraftHead
 from engine.kv import commit_path, new_cache
-from engine.lookup import graft, lookup_chain
+from engine.lookup import NGRAMS, graft, lookup_chain
+from engine.models import backend_name
 from engine.tree import EAGLE1_DEFAULT_TREE, StaticPlan, Tree, root_only, static_plan
 from engine.verify import accept, draw_tokens, target_forward, tree_attention_mask
 
@@ -84,28 +86,43 @@ def common_prefix(a, b) -> int:
     return n
 
 
+class DraftKind(Enum):
+    """Who drafted a cycle's tree."""
+
+    HEAD = "head"  # the head was fed the pending pairs and drafted (near the context limit: the root alone)
+    COPY = "copy"  # a copy stretch: the lookup chain alone; the pairs stay pending
+    REST = "rest"  # the adaptive head rests: the lookup chain or the root alone; the pairs stay pending
+    ROOT = "root"  # no drafter (vanilla)
+
+
 class Draft(NamedTuple):
     tree: Tree  # the tree to verify
     lookup_from: int  # index of its first prompt-lookup node (its size when none)
     chain: list[int]  # the copied tokens hung from its root (empty when none)
-    # "head": the head was fed the pending pairs and drafted; "copy": a copy stretch, "rest": the adaptive
-    # head rests (both leave the pairs pending); "root": no drafter (vanilla)
-    kind: str
+    kind: DraftKind
     feed: tuple | None = None  # stopwatch marks around the head's feed of the pending pairs (adaptive only)
 
 
 class Engine:
-    def __init__(self, model, tokenizer, head: DraftHead | None = None, static_tree=EAGLE1_DEFAULT_TREE):
+    def __init__(
+        self, model, tokenizer, head: DraftHead | None = None, static_tree=EAGLE1_DEFAULT_TREE,
+        prune: bool | None = None, lookup_ngrams: tuple[int, ...] = NGRAMS,
+    ):  # fmt: skip
+        """`prune`: the EAGLE-2 drafter's early stop (engine/draft.py); None: on a CPU only.
+        `lookup_ngrams`: the n-gram lengths the prompt-lookup branch matches, longest first (engine/lookup.py)."""
         self.model = model
         self.tokenizer = tokenizer
         self.head = head
         self.static_tree = static_tree
+        self.prune = prune
+        self.lookup_ngrams = lookup_ngrams
         weight = model.get_output_embeddings().weight
         self.device = weight.device
         self.dtype = model.get_input_embeddings().weight.dtype
         self.context_length = int(model.config.max_position_embeddings)
         self.eos_ids = self._eos_ids()
         self.stopwatch = Stopwatch(self.device)
+        self.backend = backend_name(model)  # int8, bf16, fp32, bnb-4bit, ... (engine/backend.py)
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -148,7 +165,7 @@ class Engine:
         name = getattr(self.model.config, "_name_or_path", "") or self.model.config.model_type
         name = Path(name).name if Path(name).exists() else name  # a local folder: no machine paths in the UI
         head = "no draft head (vanilla only)" if self.head is None else "EAGLE head loaded"
-        return f"{name} · {str(self.dtype).removeprefix('torch.')} · {self.device} · {head}"
+        return f"{name} · {self.backend} · {self.device} · {head}"
 
     # ---- decoding -----------------------------------------------------------------------------
 
@@ -172,7 +189,8 @@ class Engine:
         if config.method != "vanilla":
             budget = min(len(prompt_ids) + config.max_new_tokens + 1, self.context_length)
             scratch = max(config.tree.depth * config.tree.top_k, len(plan.parents))
-            drafter = Drafter(self.head, self.model.get_input_embeddings(), self.model.lm_head, budget + scratch)
+            embed, lm_head = self.model.get_input_embeddings(), self.model.lm_head
+            drafter = Drafter(self.head, embed, lm_head, budget + scratch, prune=self.prune)
 
         yield asdict(StartEvent(config.method, len(prompt_ids), config.to_dict()))
         start = time.perf_counter()
@@ -230,7 +248,7 @@ class Engine:
     def _cycle(self, state: DecodeState, config: GenerationConfig, generator, drafter: Drafter | None, plan: StaticPlan) -> CycleEvent:
         t0 = self.stopwatch.mark()
         tree, lookup_from, chain, kind, feed = self._draft(state, config, drafter, plan)
-        head_fed = kind == "head"
+        head_fed = kind is DraftKind.HEAD
         t1 = self.stopwatch.mark()
         positions = state.past_len + tree.depths  # (n,)
         # a lone root attends to everything before it: plain causal decoding needs no mask
@@ -270,12 +288,12 @@ class Engine:
         draft_ms, verify_ms = self.stopwatch.ms(t0, t1), self.stopwatch.ms(t1, t2)
         state.totals.draft_ms += draft_ms
         state.totals.verify_ms += verify_ms
-        if state.gate is not None and kind == "head":
+        if state.gate is not None and kind is DraftKind.HEAD:
             # siblings are distinct, so the chain alone matches as far as it agrees with the accepted path;
             # the head's cost leaves out the feed, which after a rest or a copy stretch is mostly catch-up
             copied = common_prefix(chain, [tokens[j] for j in path[1:]])
             state.gate.head_cycle(accepted - 1, copied, draft_ms - self.stopwatch.ms(*feed), verify_ms)
-        elif state.gate is not None and kind == "rest":  # copy stretches are not the gate's to judge
+        elif state.gate is not None and kind is DraftKind.REST:  # copy stretches are not the gate's to judge
             state.gate.skip_cycle(accepted - 1, draft_ms + verify_ms)
         view = None
         if config.method != "vanilla":
@@ -290,15 +308,15 @@ class Engine:
     def _draft(self, state: DecodeState, config: GenerationConfig, drafter: Drafter | None, plan: StaticPlan) -> Draft:
         room = self.context_length - state.past_len  # cache slots left, the root included
         if drafter is None:
-            return Draft(root_only(state.pending), 1, [], "root")
+            return Draft(root_only(state.pending), 1, [], DraftKind.ROOT)
         lookup = config.tree.lookup
-        chain = lookup_chain(state.prompt + state.output, 2 * lookup) if lookup and room > 1 else []
+        chain = lookup_chain(state.prompt + state.output, 2 * lookup, self.lookup_ngrams) if lookup and room > 1 else []
         if state.copying and chain:  # inside a copied stretch the head's tree rarely adds: skip it
             chain = chain[: room - 1]
-            return Draft(*graft(root_only(state.pending), chain), chain, "copy")
+            return Draft(*graft(root_only(state.pending), chain), chain, DraftKind.COPY)
         if state.gate is not None and not state.gate.use_head():  # the head has not paid lately: rest it
             chain = chain[: min(lookup, room - 1)]
-            return Draft(*graft(root_only(state.pending), chain), chain, "rest")
+            return Draft(*graft(root_only(state.pending), chain), chain, DraftKind.REST)
         timed = state.gate is not None  # only the gate reads the feed's time: no extra marks without it
         feed = (self.stopwatch.mark(),) if timed else None
         root_hidden = drafter.extend(*state.pairs)  # commit the pending pairs (keeps the head in step)
@@ -311,11 +329,11 @@ class Engine:
         elif config.method == "eagle1" and len(plan.parents) <= room:
             tree = drafter.static_tree(state.pending, root_hidden, plan)
         else:  # near the context limit: one token at a time
-            return Draft(root_only(state.pending), 1, [], "head", feed)
+            return Draft(root_only(state.pending), 1, [], DraftKind.HEAD, feed)
         if chain and room > tree.size:
             chain = chain[: min(lookup, room - tree.size)]
-            return Draft(*graft(tree, chain), chain, "head", feed)
-        return Draft(tree, tree.size, [], "head", feed)
+            return Draft(*graft(tree, chain), chain, DraftKind.HEAD, feed)
+        return Draft(tree, tree.size, [], DraftKind.HEAD, feed)
 
     # ---- stopping -----------------------------------------------------------------------------
 

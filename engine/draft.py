@@ -19,7 +19,10 @@ from engine.tree import StaticPlan, Tree, make_tree, select_dynamic
 
 
 class Drafter:
-    def __init__(self, head: DraftHead, embed: torch.nn.Module, lm_head: torch.nn.Module, capacity: int):
+    def __init__(
+        self, head: DraftHead, embed: torch.nn.Module, lm_head: torch.nn.Module, capacity: int,
+        prune: bool | None = None,
+    ):  # fmt: skip
         self.head = head
         self.embed = head.embed_tokens if head.embed_tokens is not None else embed
         # A head may carry a reduced draft vocabulary (`head.draft_vocab`, target ids): drafting then
@@ -29,8 +32,9 @@ class Drafter:
         self.cache = head.new_cache(capacity)
         self.device = head.fc.weight.device
         # Stop growing a tree once deeper nodes cannot make the cut (`_settled`): the tree is the same, the
-        # skipped draft steps are saved. It costs a host read per depth: free on a CPU, not on a GPU.
-        self.prune = self.device.type == "cpu"
+        # skipped draft steps are saved. It costs a host read per depth: free on a CPU, not on a GPU, so by
+        # default (`prune` None) it is on for a CPU only.
+        self.prune = self.device.type == "cpu" if prune is None else prune
         self._static: dict = {}  # StaticPlan -> its tensors on this device
 
     def reset(self) -> None:

@@ -2,35 +2,19 @@
 text: eagle2_lookup answers every question both ways, interleaved, and each pair of calls is timed over
 the tokens both replies share (engine.bench's matched timing). Greedy, bf16, every turn.
 
-    python docs/results/lookup_ab.py --questions ../shared/data/benchmarks/spec_bench/question.jsonl \
+    python -m scripts.lookup_ab --questions ../shared/data/benchmarks/spec_bench/question.jsonl \
         --per-category 2
 """
 
 import argparse
-import functools
 
-import engine.decode
 from engine.bench.methods import EngineMethod
 from engine.bench.questions import BenchSettings, load_questions
 from engine.bench.runner import run_benchmark
 from engine.bench.stats import matched_speedups, summarize
 from engine.cli import add_engine_arguments, engine_from_args
 from engine.config import TreeConfig
-from engine.lookup import lookup_chain
-
-
-class WithRule:
-    """eagle2_lookup with the decode loop's chain search swapped for `rule`."""
-
-    def __init__(self, method: EngineMethod, rule):
-        self.method, self.rule = method, rule
-
-    def run(self, prompt_ids, settings):
-        engine.decode.lookup_chain = self.rule
-        try:
-            return self.method.run(prompt_ids, settings)
-        finally:
-            engine.decode.lookup_chain = lookup_chain
+from engine.decode import Engine
 
 
 def main() -> None:
@@ -43,9 +27,11 @@ def main() -> None:
     args = parser.parse_args()
     eng, _ = engine_from_args(args, need_head=True)
     questions = load_questions(args.questions, per_category=args.per_category)
-    method = EngineMethod(eng, "eagle2_lookup")
-    rules = {"3,2,1": lookup_chain, "3,2": functools.partial(lookup_chain, ngrams=(3, 2))}
-    methods = {name: WithRule(method, rule) for name, rule in rules.items()}
+    rules = {"3,2,1": (3, 2, 1), "3,2": (3, 2)}  # the n-grams the lookup branch matches, longest first
+    methods = {
+        name: EngineMethod(Engine(eng.model, eng.tokenizer, eng.head, lookup_ngrams=ngrams), "eagle2_lookup")
+        for name, ngrams in rules.items()
+    }
     settings = BenchSettings(tree=TreeConfig(*map(int, args.tree.split(","))))
     rows = run_benchmark(eng, methods, questions, settings, progress=True)
     (matched,) = matched_speedups(rows, against=["3,2"])

@@ -7,7 +7,7 @@ accepted length is the sum of those products over its nodes. A child's product n
 parent's, so the best n-node tree holds the n largest path products, which a best-first search over
 the target's own distributions pops in order (one target forward per expanded node).
 
-    python docs/results/t1_bound.py --answers docs/results/cpu-bf16-t1.json \
+    python -m scripts.t1_bound --answers RESULT.json \
         --questions ../shared/data/benchmarks/spec_bench/question.jsonl --stride 8
 
 `--answers` is a benchmark result at T=1: its vanilla replies (first turns) give the contexts.

@@ -1,7 +1,7 @@
 """Time the target's draw at every tree node: the engine's sampler against torch.multinomial with a full
-sort for top-p (what the engine used before session 4). CPU, 49,152-token rows, median of 20 calls.
+sort for top-p (the textbook way). CPU, 49,152-token rows, median of 20 calls.
 
-    python docs/results/draw_cost.py
+    python -m scripts.draw_cost
 """
 
 import time

@@ -2,7 +2,7 @@
 the replies must be identical, and the engine's stopwatch gives the drafting time per cycle. One question
 per category (the 4th of each in the file), first turn, 128 new tokens, bf16, two rounds alternating.
 
-    python docs/results/prune_ab.py --questions ../shared/data/benchmarks/spec_bench/question.jsonl
+    python -m scripts.prune_ab --questions ../shared/data/benchmarks/spec_bench/question.jsonl
 """
 
 import argparse
@@ -10,7 +10,7 @@ import argparse
 from engine.bench.questions import load_questions
 from engine.cli import add_engine_arguments, engine_from_args
 from engine.config import GenerationConfig, TreeConfig
-from engine.draft import Drafter
+from engine.decode import Engine
 
 
 def main() -> None:
@@ -27,22 +27,16 @@ def main() -> None:
     chosen = [[q for q in questions if q["category"] == c][3] for c in categories]
     prompts = [engine.chat_ids([{"role": "user", "content": q["turns"][0]}]) for q in chosen]
     config = GenerationConfig(method="eagle2", max_new_tokens=args.max_new_tokens, tree=TreeConfig(*map(int, args.tree.split(","))))
-    init = Drafter.__init__
+    engines = {prune: Engine(engine.model, engine.tokenizer, engine.head, prune=prune) for prune in (False, True)}
     replies = {}
     for round_ in (1, 2):
-        for prune in (False, True):
-            def drafter_init(self, *a, prune=prune, **k):
-                init(self, *a, **k)
-                self.prune = prune
-
-            Drafter.__init__ = drafter_init
-            ends = [list(engine.generate(ids, config))[-1] for ids in prompts]
+        for prune, variant in engines.items():
+            ends = [list(variant.generate(ids, config))[-1] for ids in prompts]
             cycles = sum(e["totals"]["cycles"] for e in ends)
             draft_ms = sum(e["totals"]["draft_ms"] for e in ends) / cycles
             replies.setdefault(prune, [e["output_ids"] for e in ends])
             label = "early stop" if prune else "full depth"
             print(f"round {round_}, {label}: {draft_ms:.2f} ms drafting per cycle over {cycles} cycles", flush=True)
-    Drafter.__init__ = init
     print("identical replies:", replies[False] == replies[True])
 
 

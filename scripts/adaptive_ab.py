@@ -2,7 +2,7 @@
 branch, with and without `adaptive`, on the same questions, alternating, two rounds. Greedy, bf16, first
 turns. Prints tokens/s, τ and the share of cycles the head drafted, per category.
 
-    python docs/results/adaptive_ab.py --questions ../shared/data/benchmarks/spec_bench/question.jsonl \
+    python -m scripts.adaptive_ab --questions ../shared/data/benchmarks/spec_bench/question.jsonl \
         --categories writing,roleplay,translation --per-category 3
 """
 
