@@ -7,7 +7,8 @@ active sliding window, Qwen2, Qwen3) and runs
   - one fused q/k/v product and one fused gate/up product per layer,
   - a preallocated KV cache (`LeanCache`) written in place,
   - transformers' own rotary embedding module (so every RoPE scaling variant stays exact),
-  - `scaled_dot_product_attention` with the engine's tree mask, or none for a single token.
+  - `scaled_dot_product_attention` with the engine's tree mask, or none for a single token; for the int8
+    backend, attention in float64 instead (`_exact_attention`), so results do not depend on the batch.
 The fused products are exact concatenations of the separate ones for the int8 backend (weights are
 quantized per output channel, engine/int8.py) and equal up to float rounding for float backends.
 
@@ -129,6 +130,26 @@ class LeanLayer:
         self.scaling = attn.scaling
 
 
+def _exact_attention(q, keys, values, mask, scale: float) -> torch.Tensor:
+    """Attention in float64 over a float64 cache, returned in float32: (1, heads, n, hd).
+
+    A float32 kernel sums in an order that depends on how many queries and keys it is given, so a token
+    verified in a tree would get slightly different values than the same token decoded alone, and the
+    int8 rounding of the next layer's input turns such a difference into a different token now and then.
+    In float64 the order's effect stays far below float32 resolution, so every query row comes out the
+    same, bit for bit, whatever else is in the batch (tests/test_int8_lean.py checks the real model)."""
+    _, heads, n, hd = q.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads  # query heads g*group .. g*group+group-1 read kv head g (transformers' order)
+    scores = (q.double().reshape(1, kv_heads, group * n, hd) @ keys.transpose(-1, -2)) * scale
+    scores = scores.view(1, kv_heads, group, n, length)
+    if mask is not None:
+        mask = mask[:, :, None]  # (1, 1, 1, n, length)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = scores.softmax(dim=-1).view(1, kv_heads, group * n, length)
+    return (probs @ values).view(1, heads, n, hd).float()
+
+
 def _rms(norm, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
@@ -142,7 +163,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class LeanForward:
     """`forward(tokens, positions, mask, cache)` -> final-norm hidden states (n, H); see module doc."""
 
-    def __init__(self, model):
+    def __init__(self, model, exact: bool | None = None):
+        """`exact`: attention in float64 so that a token's result does not depend on its batch (default:
+        for the int8 backend, whose promise is token-for-token equality)."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the lean forward does not support this model: {reason}")
@@ -153,7 +176,8 @@ class LeanForward:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.dtype = self.embed.weight.dtype
+        self.exact = any(isinstance(m, Int8Linear) for m in model.modules()) if exact is None else exact
+        self.dtype = torch.float64 if self.exact else self.embed.weight.dtype  # of the KV cache
         self.device = self.embed.weight.device
 
     def new_cache(self, capacity: int = 512) -> LeanCache:
@@ -184,9 +208,12 @@ class LeanForward:
             cache.keys[i, :, :, past:end] = k
             cache.values[i, :, :, past:end] = v.transpose(0, 1)[None]
             keys, values = cache.keys[i, :, :, :end], cache.values[i, :, :, :end]
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=self.kv_heads != self.heads
-            )  # (1, heads, n, hd)
+            if self.exact:
+                out = _exact_attention(q, keys, values, mask, layer.scaling)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=self.kv_heads != self.heads
+                )  # (1, heads, n, hd)
             x = x + layer.o(out[0].transpose(0, 1).reshape(n, qn))
             gate, up = layer.gate_up(_rms(layer.norm_post, x)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)

@@ -204,3 +204,34 @@ def test_int8_sampling_matches_int8_target(int8_sampling_setup):
     counts, accept_rate = sample_tail(engine, prompt, "eagle2", sampling)
     assert accept_rate > 0.3
     assert gof_pvalue(counts, exact_tail(reference, prompt, sampling)) > 1e-3
+
+
+# --- the real default model -----------------------------------------------------------------------
+
+REAL_PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "Give me three tips for sleeping better.",
+    "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox",
+]
+
+
+@pytest.mark.slow
+def test_real_model_int8_eagle2_equals_int8_vanilla(default_model_dir):
+    """The promise on the app's CPU backend: EAGLE-2 (with the lookup branch, tuned-size and paper trees)
+    writes the int8 model's own greedy reply, token for token, and accepts drafts doing it."""
+    from engine.head import load_head
+    from engine.models import ModelSpec, default_head_path, load_target
+
+    model, tokenizer = load_target(ModelSpec(model=str(default_model_dir), device="cpu", quantization="int8"), progress=False)
+    assert is_int8(model) and model.lean is not None
+    engine = Engine(model, tokenizer, load_head(default_head_path(), model))
+    taus = []
+    for prompt in REAL_PROMPTS:
+        want = run(engine, prompt, method="vanilla", max_new_tokens=64)
+        for tree in (TreeConfig(8, 4, 4, lookup=10), TreeConfig(60, 6, 10)):
+            ids = engine.chat_ids([{"role": "user", "content": prompt}])
+            end = list(engine.generate(ids, GenerationConfig(method="eagle2", max_new_tokens=64, tree=tree)))[-1]
+            assert end["output_ids"] == want, (prompt, tree)
+            taus.append(end["totals"]["tau"])
+    assert sum(taus) / len(taus) > 1.5
