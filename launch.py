@@ -40,8 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     m.add_argument("--no-head", action="store_true", help="run without a draft head: only vanilla decoding.")
     quant = m.add_mutually_exclusive_group()
-    quant.add_argument("--load-in-4bit", action="store_true", help="quantize the target to 4-bit NF4 (bitsandbytes; CPU or CUDA).")
-    quant.add_argument("--load-in-8bit", action="store_true", help="quantize the target to 8-bit (bitsandbytes; CPU or CUDA).")
+    quant.add_argument(
+        "--load-in-4bit", action="store_true", help="quantize the target to 4-bit NF4 (bitsandbytes; CPU or CUDA)."
+    )
+    quant.add_argument(
+        "--load-in-8bit", action="store_true", help="quantize the target to 8-bit (bitsandbytes; CPU or CUDA)."
+    )
     m.add_argument(
         "--tree",
         default="auto",
@@ -78,21 +82,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "weights and activations (CPU); its replies are the int8 model's own. --dtype and --load-in-* also "
         "pick a backend.",
     )
-    m.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N. Default: auto.")
+    m.add_argument(
+        "--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N. Default: auto."
+    )
     m.add_argument(
         "--dtype", default="auto",
         help="auto, float32, bfloat16 or float16 (also fp32/bf16/fp16). Default auto: bf16 on CPU and on "
         "CUDA where supported, else fp16.",
     )
     s = p.add_argument_group("server")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 serves your network. Default: 127.0.0.1.")
+    s.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 serves your network. Default: 127.0.0.1."
+    )
     s.add_argument("--port", type=int, default=7860, help="port to listen on. Default: 7860.")
     s.add_argument(
         "--share", action="store_true",
         help="also create a public Gradio share link (needs internet). Anyone with the link can use your "
         "machine: combine it with --auth.",
     )
-    s.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login in the browser and the API.")
+    s.add_argument(
+        "--auth", default=None, metavar="USER:PASSWORD", help="require this login in the browser and the API."
+    )
     s.add_argument("--no-browser", action="store_true", help="do not open a browser tab on start.")
     s.add_argument("--max-new-tokens", type=int, default=256, help="default reply length in the UI. Default: 256.")
     return p.parse_args(argv)
@@ -164,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     t = step("Loading libraries (torch, transformers, gradio)")
     from app import AppOptions, build_ui, load_examples
     from app.ui import CSS_PATH
+    from engine.backend import spec_for
     from engine.cli import head_folder, model_spec
     from engine.decode import Engine
     from engine.head import load_head
-    from engine.backend import spec_for
     from engine.models import load_target, resolve_device
 
     done(t)

@@ -15,8 +15,8 @@ Invariants:
 import copy
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from app.pump import pump
 from app.reply import Piece, pieces_from_cycle, render_tinted
@@ -252,7 +252,9 @@ def reply_content(reply: str, pieces: list[Piece], note: str, tint: bool) -> str
     return f"{body}\n\n*— {note}*" if note else body
 
 
-def chatbot_messages(turns: list[Turn], tint: bool, pending: str | None = None, live: ReplyView | None = None) -> list[dict]:
+def chatbot_messages(
+    turns: list[Turn], tint: bool, pending: str | None = None, live: ReplyView | None = None
+) -> list[dict]:
     """The Chatbot value: committed turns, then the pending user message and the reply streaming for it."""
     shown = []
     for turn in turns:

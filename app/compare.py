@@ -11,8 +11,8 @@ Pure functions over event lists, plus `measure`, which drives the engine through
 
 import html
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Iterator
 
 from app.pump import pump
 from app.reply import Piece, pieces_from_cycle, render_tinted

@@ -14,7 +14,7 @@ running behind the queue's back.
 import queue
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 _DONE = object()
 

@@ -11,8 +11,8 @@ tokens or cycles, stop-string trimming) the cycle becomes a single piece rather 
 """
 
 import html
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 KINDS = ("draft", "target", "mixed")
 

@@ -25,7 +25,7 @@ also renders on its own.
 
 import html
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from app.labels import display_width, shorten, visible
 
@@ -48,7 +48,7 @@ def _fill(confidence: float) -> tuple[str, str]:
     c = min(max(confidence, 0.0), 1.0)
     lo, hi = (239, 246, 255), (29, 78, 216)
     rgb = tuple(round(a + (b - a) * c) for a, b in zip(lo, hi))
-    return "#%02x%02x%02x" % rgb, ("#ffffff" if c > 0.5 else "#0f172a")
+    return "#{:02x}{:02x}{:02x}".format(*rgb), ("#ffffff" if c > 0.5 else "#0f172a")
 
 
 def layout_rows(parents: list[int], depths: list[int], scores: list[float]) -> list[float]:

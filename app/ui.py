@@ -15,9 +15,9 @@ import json
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import gradio as gr
 
@@ -29,8 +29,8 @@ from app.chat import (
     check_message,
     finish_note,
     make_config,
-    session_history,
     samples,
+    session_history,
     stream_reply,
     tree_for_temperature,
 )
@@ -155,7 +155,8 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
         return "", chatbot_messages(session.turns, tint, session.pending)
 
     def stream_chat(
-        session, system_prompt, tint, method, max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup, adaptive
+        session, system_prompt, tint, method, max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup,
+        adaptive,
     ):
         message = session.pending
         if message is None:  # nothing claimed the session (e.g. a stale chained event)
@@ -163,7 +164,9 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
             return
         keep = gr.update()
         try:
-            config = make_config(method, max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup, adaptive)
+            config = make_config(
+                method, max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup, adaptive
+            )
             messages = build_messages(system_prompt, session_history(session.turns), message)
             view = None
             for view in stream_reply(engine, messages, config, session.cancel, options.poll_s):
@@ -221,7 +224,8 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
         return session
 
     def compare_measure(
-        session, system_prompt, method_a, method_b, max_new, temperature, top_p, top_k, total, depth, tree_k, seed, lookup,
+        session, system_prompt, method_a, method_b, max_new, temperature, top_p, top_k, total, depth, tree_k, seed,
+        lookup,
         adaptive,
     ):
         prompt = session.pending
@@ -299,7 +303,10 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
                 method, max_new_tokens, temperature, top_p, top_k, tree.total_tokens, tree.depth, tree.top_k,
                 lookup=tree.lookup, adaptive=tree.adaptive,
             )
-            if history is not None and not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in history):
+            well_formed = history is None or all(
+                isinstance(m, dict) and {"role", "content"} <= m.keys() for m in history
+            )
+            if not well_formed:
                 raise ValueError('history must be a list of {"role": ..., "content": ...} messages')
             messages = build_messages(system_prompt, history or [], message)
             cancel = ChatSession().cancel
@@ -322,8 +329,13 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
         with gr.Sidebar(label="Settings", open=True, width=310):
             system_prompt = gr.Textbox(label="System prompt", value=options.system_prompt, lines=3)
             method = gr.Dropdown(choices, value=first, label="Method (chat)", elem_id="method")
-            max_new = gr.Slider(1, options.max_new_tokens_limit, value=options.max_new_tokens, step=1, label="Max new tokens")
-            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy: the same text as vanilla decoding", elem_id="temperature")
+            max_new = gr.Slider(
+                1, options.max_new_tokens_limit, value=options.max_new_tokens, step=1, label="Max new tokens"
+            )
+            temperature = gr.Slider(
+                0.0, 2.0, value=0.0, step=0.05, label="Temperature",
+                info="0 = greedy: the same text as vanilla decoding", elem_id="temperature",
+            )
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p")
             top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k", info="0 = off")
             seed = gr.Number(-1, precision=0, label="Seed", info="-1 = random (used when temperature > 0)")
@@ -340,11 +352,18 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
                 t = options.tree
                 trees = [t] + ([options.sampling_tree] if options.sampling_tree is not None else [])
                 total = gr.Slider(
-                    1, slider_max(trees, "total_tokens", 128), value=t.total_tokens, step=1, label="Total drafted tokens",
+                    1, slider_max(trees, "total_tokens", 128), value=t.total_tokens, step=1,
+                    label="Total drafted tokens",
                     info="EAGLE-2 paper: 60", elem_id="tree-total",
                 )
-                depth = gr.Slider(1, slider_max(trees, "depth", 12), value=t.depth, step=1, label="Depth", info="EAGLE-2 paper: 6", elem_id="tree-depth")
-                tree_k = gr.Slider(1, slider_max(trees, "top_k", 20), value=t.top_k, step=1, label="Top-k per expansion", info="EAGLE-2 only; paper: 10")
+                depth = gr.Slider(
+                    1, slider_max(trees, "depth", 12), value=t.depth, step=1, label="Depth",
+                    info="EAGLE-2 paper: 6", elem_id="tree-depth",
+                )
+                tree_k = gr.Slider(
+                    1, slider_max(trees, "top_k", 20), value=t.top_k, step=1, label="Top-k per expansion",
+                    info="EAGLE-2 only; paper: 10",
+                )
                 lookup = gr.Slider(
                     0, 32, value=t.lookup, step=1, label="Prompt-lookup branch (tokens)", elem_id="lookup",
                     info="0 = off. Adds tokens copied from the conversation (teal in the tree); still lossless",
@@ -374,7 +393,9 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
                         with gr.Row():
                             regen = gr.Button("Regenerate", size="sm", elem_id="regenerate")
                             clear = gr.Button("Clear", size="sm", elem_id="clear")
-                            tint = gr.Checkbox(label="Tint tokens: accepted drafts vs target", value=False, elem_id="tint")
+                            tint = gr.Checkbox(
+                                label="Tint tokens: accepted drafts vs target", value=False, elem_id="tint"
+                            )
                         stats = gr.Markdown(elem_id="stats", elem_classes=["stats"])
                         tint_legend = gr.HTML("", js_on_load=None)
                         if options.examples:
@@ -421,10 +442,16 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
 
         gr.on([msg.submit, send.click], accept_message, [msg, session], [session], **quick).success(
             show_pending, [session, tint], [msg, chatbot], **quick
-        ).success(stream_chat, stream_inputs, stream_outputs, show_progress="minimal", show_progress_on=[chatbot], **engine_run)
+        ).success(
+            stream_chat, stream_inputs, stream_outputs, show_progress="minimal", show_progress_on=[chatbot],
+            **engine_run,
+        )  # fmt: skip
         regen.click(accept_regenerate, [session], [session], **quick).success(
             show_pending, [session, tint], [msg, chatbot], **quick
-        ).success(stream_chat, stream_inputs, stream_outputs, show_progress="minimal", show_progress_on=[chatbot], **engine_run)
+        ).success(
+            stream_chat, stream_inputs, stream_outputs, show_progress="minimal", show_progress_on=[chatbot],
+            **engine_run,
+        )  # fmt: skip
         stop_btn.click(stop, [session], None, queue=False, **private)
         clear.click(clear_chat, [session], [chatbot, session, tree, stats, notice, cycle], queue=False, **private)
         tint.change(retint, [session, tint], [chatbot, tint_legend], queue=False, **private)

@@ -245,7 +245,9 @@ class Engine:
         return state, self.stopwatch.ms(mark, self.stopwatch.mark())
 
     @torch.no_grad()
-    def _cycle(self, state: DecodeState, config: GenerationConfig, generator, drafter: Drafter | None, plan: StaticPlan) -> CycleEvent:
+    def _cycle(
+        self, state: DecodeState, config: GenerationConfig, generator, drafter: Drafter | None, plan: StaticPlan
+    ) -> CycleEvent:
         t0 = self.stopwatch.mark()
         tree, lookup_from, chain, kind, feed = self._draft(state, config, drafter, plan)
         head_fed = kind is DraftKind.HEAD

@@ -42,8 +42,9 @@ def acceptance(engine: Engine, questions: list[dict], config: GenerationConfig, 
     out = {}
     for cat, s in list(stats.items()) + [("overall", merge(stats.values()))]:
         max_d = max(s["depth_hist"], default=0)
-        reach = [sum(n for d, n in s["depth_hist"].items() if d >= k) / max(s["cycles"], 1) for k in range(1, max_d + 1)]
-        out[cat] = {"cycles": s["cycles"], "tokens": s["tokens"], "tau": s["tokens"] / max(s["cycles"], 1), "accept_by_depth": reach}
+        cycles = max(s["cycles"], 1)
+        reach = [sum(n for d, n in s["depth_hist"].items() if d >= k) / cycles for k in range(1, max_d + 1)]
+        out[cat] = {"cycles": s["cycles"], "tokens": s["tokens"], "tau": s["tokens"] / cycles, "accept_by_depth": reach}
     return out
 
 
@@ -62,7 +63,8 @@ def markdown(results: dict) -> str:
     cats = sorted({c for r in results.values() for c in r if c != "overall"}) + ["overall"]
     lines = ["| category | " + " | ".join(f"τ T={t}" for t in temps) + " |", "|---|" + "---|" * len(temps)]
     for c in cats:
-        lines.append(f"| {c} | " + " | ".join(f"{results[t][c]['tau']:.2f}" if c in results[t] else "-" for t in temps) + " |")
+        cells = [f"{results[t][c]['tau']:.2f}" if c in results[t] else "-" for t in temps]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

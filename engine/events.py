@@ -22,9 +22,9 @@ Invariants of a `cycle` event:
 """
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 FINISH_REASONS = ("eos", "max_new_tokens", "stop_string", "context_length", "cancelled")
 

@@ -164,7 +164,8 @@ def weights_digest(head: DraftHead) -> str:
 def head_config_for(model, bias: bool = True) -> dict:
     """A fresh head config (Llama keys) matching a transformers target model."""
     c = model.config
-    rope = getattr(c, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(c, "rope_theta", 10000.0)}
+    default_rope = {"rope_type": "default", "rope_theta": getattr(c, "rope_theta", 10000.0)}
+    rope = getattr(c, "rope_parameters", None) or default_rope
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -232,7 +233,9 @@ def load_head(path: str | Path, model, dtype: torch.dtype | None = None) -> Draf
         )
     if own_embed is not None:
         if tuple(own_embed.shape) != (head.vocab_size, head.hidden_size):
-            raise HeadMismatchError(f"head embed_tokens shape {tuple(own_embed.shape)} does not fit its config (head: {path})")
+            raise HeadMismatchError(
+                f"head embed_tokens shape {tuple(own_embed.shape)} does not fit its config (head: {path})"
+            )
         head.embed_tokens = nn.Embedding.from_pretrained(own_embed, freeze=True)
     if d2t is not None:
         head.draft_vocab = torch.arange(d2t.shape[0]) + d2t.long()

@@ -186,6 +186,7 @@ def static_plan(choices=EAGLE1_DEFAULT_TREE, depth: int = 32, total_tokens: int 
                 node = parents[node]
             fed_mask.append(tuple(row))
         rows = [fed.index(parents[c]) if d > 1 else 0 for c in children]
-        steps.append(StaticStep(tuple(fed), tuple(fed_mask), tuple(children), tuple(rows), tuple(kept[c - 1][-1] for c in children)))
+        ranks = tuple(kept[c - 1][-1] for c in children)
+        steps.append(StaticStep(tuple(fed), tuple(fed_mask), tuple(children), tuple(rows), ranks))
     top_k = 1 + max((p[-1] for p in kept), default=0)
     return StaticPlan(parents, depths, tuple(steps), top_k)

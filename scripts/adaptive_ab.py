@@ -21,7 +21,9 @@ def main() -> None:
     parser.add_argument("--questions", required=True)
     parser.add_argument("--categories", default="writing,roleplay,translation")
     parser.add_argument("--per-category", type=int, default=3)
-    parser.add_argument("--tree", default="8,4,4", help="TOTAL,DEPTH,TOPK (default: the tree tuned on the project's CPU)")
+    parser.add_argument(
+        "--tree", default="8,4,4", help="TOTAL,DEPTH,TOPK (default: the tree auto-tuned on a 2-core CPU)"
+    )
     parser.add_argument("--lookup", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     add_engine_arguments(parser)
@@ -40,7 +42,8 @@ def main() -> None:
             ids = engine.chat_ids([{"role": "user", "content": q["turns"][0]}])
             for name, variant in variants.items():
                 start = time.perf_counter()
-                end = list(engine.generate(ids, GenerationConfig(method="eagle2", max_new_tokens=args.max_new_tokens, tree=variant)))[-1]
+                config = GenerationConfig(method="eagle2", max_new_tokens=args.max_new_tokens, tree=variant)
+                end = list(engine.generate(ids, config))[-1]
                 sums = totals[name, q["category"]]
                 sums["wall"] += time.perf_counter() - start
                 for key in ("new_tokens", "cycles", "head_cycles"):
@@ -49,7 +52,8 @@ def main() -> None:
     for (name, category), s in sorted(totals.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         print(
             f"{category:12s} {name:16s} {s['new_tokens'] / s['wall']:6.1f} tokens/s  "
-            f"τ {(s['new_tokens'] - s['turns']) / s['cycles']:.2f}  head drafted {s['head_cycles'] / s['cycles']:.0%} of cycles"
+            f"τ {(s['new_tokens'] - s['turns']) / s['cycles']:.2f}  "
+            f"head drafted {s['head_cycles'] / s['cycles']:.0%} of cycles"
         )
 
 

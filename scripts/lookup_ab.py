@@ -21,7 +21,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", required=True)
     parser.add_argument("--per-category", type=int, default=2)
-    parser.add_argument("--tree", default="8,4,4", help="TOTAL,DEPTH,TOPK (default: the tree tuned on the project's CPU)")
+    parser.add_argument(
+        "--tree", default="8,4,4", help="TOTAL,DEPTH,TOPK (default: the tree auto-tuned on a 2-core CPU)"
+    )
     add_engine_arguments(parser)
     parser.set_defaults(dtype="bfloat16", threads=2)
     args = parser.parse_args()
@@ -38,7 +40,10 @@ def main() -> None:
     summary = summarize(rows)
     print("3,2,1 against 3,2 on the text both replies share (above 1: the fallback is faster)")
     for category, m in [*matched["per_category"].items(), ("overall", matched["overall"])]:
-        taus = [(summary[r]["overall"] if category == "overall" else summary[r]["per_category"][category])["tau"] for r in ("3,2", "3,2,1")]
+        taus = []
+        for r in ("3,2", "3,2,1"):
+            stats = summary[r]["overall"] if category == "overall" else summary[r]["per_category"][category]
+            taus.append(stats["tau"])
         print(f"  {category:15s} {m['speedup'] or 0:.3f}x over {m['tokens']} tokens; τ {taus[0]:.2f} -> {taus[1]:.2f}")
 
 

@@ -16,7 +16,9 @@ from engine.decode import Engine
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", required=True)
-    parser.add_argument("--tree", default="8,4,4", help="TOTAL,DEPTH,TOPK (default: the tree tuned on the project's CPU)")
+    parser.add_argument(
+        "--tree", default="8,4,4", help="TOTAL,DEPTH,TOPK (default: the tree auto-tuned on a 2-core CPU)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     add_engine_arguments(parser)
     parser.set_defaults(dtype="bfloat16", threads=2)
@@ -26,7 +28,8 @@ def main() -> None:
     categories = dict.fromkeys(q["category"] for q in questions)
     chosen = [[q for q in questions if q["category"] == c][3] for c in categories]
     prompts = [engine.chat_ids([{"role": "user", "content": q["turns"][0]}]) for q in chosen]
-    config = GenerationConfig(method="eagle2", max_new_tokens=args.max_new_tokens, tree=TreeConfig(*map(int, args.tree.split(","))))
+    tree = TreeConfig(*map(int, args.tree.split(",")))
+    config = GenerationConfig(method="eagle2", max_new_tokens=args.max_new_tokens, tree=tree)
     engines = {prune: Engine(engine.model, engine.tokenizer, engine.head, prune=prune) for prune in (False, True)}
     replies = {}
     for round_ in (1, 2):

@@ -10,7 +10,14 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from app.chat import (
-    ChatSession, Turn, as_text, chatbot_messages, check_message, make_config, tree_for_temperature, trim_notice,
+    ChatSession,
+    Turn,
+    as_text,
+    chatbot_messages,
+    check_message,
+    make_config,
+    tree_for_temperature,
+    trim_notice,
 )
 from app.compare import Run, replay_times, summary
 from app.labels import shorten, visible
@@ -147,7 +154,9 @@ def test_copied_nodes_are_teal_and_counted():
     event["tree"]["lookup_from"] = 4  # nodes 4 and 5 came from prompt lookup
     panel = render_cycle(event, token_texts)
     svg = svg_of(panel)
-    fills = {int(g.get("data-node")): g.find(f"{SVG}rect").get("fill") for g in svg.iter(f"{SVG}g") if g.get("data-node")}
+    fills = {
+        int(g.get("data-node")): g.find(f"{SVG}rect").get("fill") for g in svg.iter(f"{SVG}g") if g.get("data-node")
+    }
     assert fills[4] == fills[5] == COPIED and COPIED not in (fills[1], fills[2], fills[3])
     assert "5 drafted tokens (2 copied by prompt lookup)" in panel
     assert "copied from the context" in panel and "copied" not in render_cycle(cycle_event(), token_texts)
@@ -162,7 +171,8 @@ def test_a_cycle_without_the_head_says_so():
     root = {"type": "cycle", "cycle": 9, "new_token_ids": [11], "text": "<", "accepted": [0], "bonus_token": 11,
             "tree": {"tokens": [10], "parents": [-1], "depths": [0], "scores": [0.0], "lookup_from": None},
             "draft_ms": 0.1, "verify_ms": 30.0, "head": False, "totals": {}}
-    assert "0 drafted tokens" in render_cycle(root, token_texts) and "a plain decoding step" in render_cycle(root, token_texts)
+    rendered = render_cycle(root, token_texts)
+    assert "0 drafted tokens" in rendered and "a plain decoding step" in rendered
 
 
 def test_vanilla_cycle_has_no_tree():

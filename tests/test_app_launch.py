@@ -53,7 +53,8 @@ def test_bad_arguments_fail_fast_with_a_message(capsys):
     assert launch.main(["--lookup", "65"]) == 2
     assert "--lookup must be between 0 (off) and 64" in capsys.readouterr().err
     assert launch.main(["--tree", "8,4"]) == 2
-    assert "--tree '8,4' is not auto, paper or TOTAL,DEPTH,TOPK (three whole numbers, e.g. 4,2,4)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--tree '8,4' is not auto, paper or TOTAL,DEPTH,TOPK (three whole numbers, e.g. 4,2,4)" in err
     assert launch.main(["--sampling-tree", "4,2,99"]) == 2
     err = capsys.readouterr().err
     assert "--sampling-tree '4,2,99'" in err and "top_k must be between 1 and 64" in err

@@ -34,7 +34,8 @@ def test_shipped_head_is_lossless_and_fast(engine):
         ids = engine.chat_ids([{"role": "user", "content": prompt}])
         want = list(engine.generate(ids, GenerationConfig(method="vanilla", max_new_tokens=64)))[-1]
         for method in ("eagle2", "eagle1"):
-            end = list(engine.generate(ids, GenerationConfig(method=method, max_new_tokens=64, tree=TreeConfig(60, 6, 10))))[-1]
+            config = GenerationConfig(method=method, max_new_tokens=64, tree=TreeConfig(60, 6, 10))
+            end = list(engine.generate(ids, config))[-1]
             assert end["output_ids"] == want["output_ids"], (method, prompt)
             if method == "eagle2":
                 cycles += end["totals"]["cycles"]

@@ -40,7 +40,8 @@ def fit_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     obs = torch.cat([counts[big], counts[~big].sum().view(1)])
     exp = torch.cat([expected[big], expected[~big].sum().view(1)])
     keep = exp > 0
-    return float(chisquare(obs[keep].numpy(), exp[keep].numpy() * obs[keep].sum().item() / exp[keep].sum().item()).pvalue)
+    expected = exp[keep].numpy() * obs[keep].sum().item() / exp[keep].sum().item()
+    return float(chisquare(obs[keep].numpy(), expected).pvalue)
 
 
 def logits_rows() -> torch.Tensor:
@@ -66,13 +67,18 @@ def test_processed_probs_match_full_sort_reference(sampling, probe, monkeypatch)
     monkeypatch.setattr(verify, "NUCLEUS_PROBE", probe)
     logits = logits_rows()
     for rows in (logits, logits[:2], logits[1:2]):  # mixed batches, and peaked rows alone
-        torch.testing.assert_close(processed_probs(rows, sampling), reference_probs(rows, sampling), atol=1e-6, rtol=1e-5)
+        want = reference_probs(rows, sampling)
+        torch.testing.assert_close(processed_probs(rows, sampling), want, atol=1e-6, rtol=1e-5)
 
 
 def test_the_nucleus_probe_sorts_everything_only_when_a_row_needs_it(monkeypatch):
     monkeypatch.setattr(verify, "NUCLEUS_PROBE", 16)
     real, widths = verify._nucleus, []
-    monkeypatch.setattr(verify, "_nucleus", lambda logits, top_p, width: (widths.append(width), real(logits, top_p, width))[1])
+    def recorded(logits, top_p, width):
+        widths.append(width)
+        return real(logits, top_p, width)
+
+    monkeypatch.setattr(verify, "_nucleus", recorded)
     sampling = SamplingConfig(temperature=1.0, top_p=0.8)
     logits = logits_rows()
     processed_probs(logits[:2], sampling)  # peaked rows: their nuclei fit in 16 tokens

@@ -68,7 +68,10 @@ def server(default_model_dir):
     log = OUT / "e2e-server.log"
     with open(log, "w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "launch.py"), "--no-browser", "--port", str(port), "--max-new-tokens", "48", "--tree", "paper", "--sampling-tree", "4,2,4"],
+            [
+                sys.executable, str(ROOT / "launch.py"), "--no-browser", "--port", str(port), "--max-new-tokens", "48",
+                "--tree", "paper", "--sampling-tree", "4,2,4",
+            ],
             cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
@@ -192,8 +195,12 @@ def test_tree_sliders_switch_to_the_sampling_tree_and_back(page):
     page.get_by_role("tab", name="Chat").click()
     assert (slider_value(page, "tree-total"), slider_value(page, "tree-depth")) == ("60", "6")  # --tree paper
     set_slider(page, "temperature", "0.7")
-    page.wait_for_function("() => document.querySelector('#tree-total input[type=number]').value == '4'", timeout=30_000)
+    page.wait_for_function(
+        "() => document.querySelector('#tree-total input[type=number]').value == '4'", timeout=30_000
+    )
     assert slider_value(page, "tree-depth") == "2"  # --sampling-tree 4,2,4
     set_slider(page, "temperature", "0")
-    page.wait_for_function("() => document.querySelector('#tree-total input[type=number]').value == '60'", timeout=30_000)
+    page.wait_for_function(
+        "() => document.querySelector('#tree-total input[type=number]').value == '60'", timeout=30_000
+    )
     assert slider_value(page, "tree-depth") == "6"

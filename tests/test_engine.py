@@ -50,7 +50,8 @@ def test_greedy_matches_vanilla(arch, head_kind, seed):
 def test_oracle_accepts_whole_depth():
     engine = tiny_engine("llama", head="oracle")
     for depth in (1, 3, 6):
-        ev = run(engine, "hello there", method="eagle2", max_new_tokens=50, tree=TreeConfig(100, depth, 4))  # whole pool kept
+        # the whole pool is kept
+        ev = run(engine, "hello there", method="eagle2", max_new_tokens=50, tree=TreeConfig(100, depth, 4))
         full = [len(c["accepted"]) - 1 for c in cycles(ev)][:-1]  # last cycle may be cut by max_new_tokens
         assert full and all(a == depth for a in full), full
         for c in cycles(ev)[:-1]:

@@ -78,7 +78,8 @@ def test_chat_drafts_with_the_sampling_tree_when_sampling():
         return generate(prompt_ids, config, *args, **kwargs)
 
     engine.generate = spy
-    demo = build_ui(engine, AppOptions(poll_s=0.0, tree=greedy, sampling_tree=sampling, sampling_tree_note="a test tree"))
+    options = AppOptions(poll_s=0.0, tree=greedy, sampling_tree=sampling, sampling_tree_note="a test tree")
+    demo = build_ui(engine, options)
     demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         client = Client(demo.local_url, verbose=False)

@@ -44,7 +44,11 @@ def test_official_variants_load(tmp_path):
     """`model.` prefixed keys, a pickle checkpoint (weights_only) and the head's own embeddings."""
     model = tiny_model("llama", layers=2)
     head = random_head(model, seed=4)
-    state = {f"model.{k}" if k.startswith("layers") else k: v for k, v in head.state_dict().items() if not k.startswith("rotary")}
+    state = {
+        f"model.{k}" if k.startswith("layers") else k: v
+        for k, v in head.state_dict().items()
+        if not k.startswith("rotary")
+    }
     emb = torch.randn(64, 64)
     state["embed_tokens.weight"] = emb
     torch.save(state, tmp_path / "pytorch_model.bin")
@@ -73,7 +77,8 @@ def write_head(tmp_path, model, **overrides):
 def test_hidden_size_mismatch_names_both_sides(tmp_path):
     model = tiny_model("llama", layers=2)
     path = write_head(tmp_path, model, hidden_size=4096)
-    with pytest.raises(HeadMismatchError, match=r"head hidden size 4096 does not match target hidden size 64 \(head: .*"):
+    wrong_size = r"head hidden size 4096 does not match target hidden size 64 \(head: .*"
+    with pytest.raises(HeadMismatchError, match=wrong_size):
         load_head(path, model)
 
 

@@ -125,7 +125,8 @@ def test_lookup_sampling_matches_target(mode, monkeypatch):
     counts = torch.zeros(VOCAB + 1, VOCAB + 1)
     grafted_accepts, copy_cycles = 0, 0
     for seed in range(n):
-        cfg = GenerationConfig(method="eagle2", max_new_tokens=3, sampling=sampling, tree=TreeConfig(6, 2, 3, lookup=3), seed=seed)
+        tree = TreeConfig(6, 2, 3, lookup=3)
+        cfg = GenerationConfig(method="eagle2", max_new_tokens=3, sampling=sampling, tree=tree, seed=seed)
         events = list(engine.generate(prompt, cfg))
         _, x2, x3 = (events[-1]["output_ids"] + [VOCAB, VOCAB])[:3]
         counts[x2, x3] += 1

@@ -74,10 +74,13 @@ def gof_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     obs = torch.cat([observed[big], observed[~big].sum().view(1)])
     exp = torch.cat([expected[big], expected[~big].sum().view(1)])
     keep = exp > 0
-    return float(chisquare(obs[keep].numpy(), exp[keep].numpy() * obs[keep].sum().item() / exp[keep].sum().item()).pvalue)
+    expected = exp[keep].numpy() * obs[keep].sum().item() / exp[keep].sum().item()
+    return float(chisquare(obs[keep].numpy(), expected).pvalue)
 
 
-SAMPLINGS = [SamplingConfig(temperature=0.7), SamplingConfig(temperature=1.0), SamplingConfig(temperature=1.0, top_p=0.8)]
+SAMPLINGS = [
+    SamplingConfig(temperature=0.7), SamplingConfig(temperature=1.0), SamplingConfig(temperature=1.0, top_p=0.8)
+]
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS, ids=["T0.7", "T1", "T1-top_p0.8"])

@@ -62,7 +62,8 @@ def test_tiny_training_run_lowers_loss_and_exports(tmp_path):
 def test_source_share_cap(tmp_path):
     path = tmp_path / "prompts.jsonl"
     rows = [{"source": "gsm8k", "prompt": f"math {i}"} for i in range(60)]
-    rows += [{"source": "seed", "prompt": f"seed {i}"} for i in range(20)] + [{"source": "t0", "prompt": f"t0 {i}"} for i in range(20)]
+    rows += [{"source": "seed", "prompt": f"seed {i}"} for i in range(20)]
+    rows += [{"source": "t0", "prompt": f"t0 {i}"} for i in range(20)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert len(read_prompts(path)) == 100
     capped = read_prompts(path, max_source_share=0.4)
@@ -128,7 +129,8 @@ def test_unrolled_steps_match_drafting_with_own_features():
         for row in range(b):
             for root in range(t - 2):
                 cache = head.new_cache(32)
-                out = head(embeds[row : row + 1, : root + 1], feats[row : row + 1, : root + 1], torch.arange(root + 1)[None], None, cache)
+                prefix = (embeds[row : row + 1, : root + 1], feats[row : row + 1, : root + 1])
+                out = head(*prefix, torch.arange(root + 1)[None], None, cache)
                 torch.testing.assert_close(preds[0][row, root], out[0, -1])
                 feature = out[:, -1:]
                 for step in (1, 2):
@@ -150,7 +152,8 @@ def test_unrolled_training_reports_each_step_and_stops_on_time(tmp_path, monkeyp
     head = fit(model, seqs, run, cfg, log=lambda m: None)
     last = head.history[-1]
     assert {"heldout_acc", "heldout_acc_2", "heldout_acc_3"} <= last.keys()
-    assert last["heldout_score"] == pytest.approx((last["heldout_acc"] + last["heldout_acc_2"] + last["heldout_acc_3"]) / 3)
+    mean_acc = (last["heldout_acc"] + last["heldout_acc_2"] + last["heldout_acc_3"]) / 3
+    assert last["heldout_score"] == pytest.approx(mean_acc)
     first = head.history[0]
     assert last["heldout_reg"] < first["heldout_reg"]
 
@@ -171,7 +174,8 @@ def test_unrolled_training_reports_each_step_and_stops_on_time(tmp_path, monkeyp
     with pytest.raises(ValueError, match="started from another head"):
         fit(model, seqs, run2, cfg, log=lambda m: None, init=head)
     (tmp_path / "run3").mkdir()
-    same = fit(model, seqs, tmp_path / "run3", FitConfig(**{**cfg.__dict__, "steps": 3, "lr": 0.0}), log=lambda m: None, init=head)
+    frozen = FitConfig(**{**cfg.__dict__, "steps": 3, "lr": 0.0})
+    same = fit(model, seqs, tmp_path / "run3", frozen, log=lambda m: None, init=head)
     for (name, a), b in zip(same.state_dict().items(), head.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
 
@@ -194,7 +198,8 @@ def test_data_answers_each_prompt_once_per_temperature(tmp_path):
     assert len(seqs) == 12
     by_prompt = {}
     for s in seqs:
-        by_prompt.setdefault(tuple(s["ids"][: s["answer_start"]].tolist()), []).append(s["ids"][s["answer_start"] :].tolist())
+        prompt, answer = s["ids"][: s["answer_start"]], s["ids"][s["answer_start"] :]
+        by_prompt.setdefault(tuple(prompt.tolist()), []).append(answer.tolist())
     assert all(len(v) == 2 for v in by_prompt.values())
     assert any(a != b for a, b in by_prompt.values())  # sampling at T=1 on a random model departs from greedy
     generate_data(model, tokenizer, prompts, run, cfg)  # nothing left to answer

@@ -84,7 +84,8 @@ def oracle_head(model) -> DraftHead:
         layer.input_layernorm.weight.fill_(1.0)
         model.model.norm.weight.fill_(1.0)
     config = head_config_for(model, bias=False)
-    config["attention_bias"] = bool(getattr(model.config, "attention_bias", False)) or model.config.model_type == "qwen2"
+    qwen2 = model.config.model_type == "qwen2"
+    config["attention_bias"] = bool(getattr(model.config, "attention_bias", False)) or qwen2
     head = DraftHead(config).to(model.lm_head.weight.dtype)
     h = model.config.hidden_size
     with torch.no_grad():

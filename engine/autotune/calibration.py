@@ -94,7 +94,8 @@ def target_features(engine: Engine, ids: list[int], cache=None) -> torch.Tensor:
     """Target features (len(ids), H) of a plain causal forward (into `cache` when given)."""
     tokens = torch.tensor(ids, dtype=torch.long, device=engine.device)
     positions = torch.arange(len(ids), device=engine.device)
-    features, _ = target_forward(engine.model, tokens, positions, None, new_cache(engine.model) if cache is None else cache, logits=False)
+    cache = new_cache(engine.model) if cache is None else cache
+    features, _ = target_forward(engine.model, tokens, positions, None, cache, logits=False)
     return features
 
 
@@ -110,10 +111,8 @@ def reference_answers(
     answers = []
     for seed, prompt in enumerate(prompts):
         ids = engine.chat_ids([{"role": "user", "content": prompt}])
-        end = None
         config = GenerationConfig(method="vanilla", max_new_tokens=new_tokens, sampling=sampling, seed=seed)
-        for end in engine.generate(ids, config):
-            pass
+        end = list(engine.generate(ids, config))[-1]
         answers.append((ids, end["output_ids"]))
     return answers
 

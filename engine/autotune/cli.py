@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-tokens", type=int, default=64, help="answer length per calibration prompt")
     parser.add_argument("--calibration-stride", type=int, default=2, help="draft at every N-th answer position")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per cost point (median)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="tune for sampling at this temperature (0: greedy)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="tune for sampling at this temperature (0: greedy)"
+    )
     parser.add_argument("--top-p", type=float, default=1.0, help="tune for sampling with this top-p")
     parser.add_argument("--retune", action="store_true", help="ignore the cache and measure again")
     parser.add_argument("--top", type=int, default=10, help="how many ranked trees to print")

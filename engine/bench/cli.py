@@ -24,7 +24,9 @@ from engine.decode import Engine
 from engine.hardware import hardware_info, peak_rss_mb
 
 
-def run_settings(args, questions: list[dict], names: list[str], head_path, engine: Engine, settings: BenchSettings) -> dict:
+def run_settings(
+    args, questions: list[dict], names: list[str], head_path, engine: Engine, settings: BenchSettings
+) -> dict:
     """Everything that changes an answer or its timing: what `--resume` must find unchanged."""
     hw = hardware_info(engine.device)
     return {
@@ -107,8 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--total-tokens", type=int, default=default_tree.total_tokens, help="draft tree nodes")
     parser.add_argument("--depth", type=int, default=default_tree.depth, help="draft tree depth")
     parser.add_argument("--top-k", type=int, default=default_tree.top_k, help="draft tree branching (eagle2)")
-    parser.add_argument("--autotune", action="store_true", help="use the tree auto-tuned for this hardware and sampling instead")
-    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_prompt_lookup, and the lookup branch of eagle2_lookup and eagle2_adaptive")
+    parser.add_argument(
+        "--autotune", action="store_true", help="use the tree auto-tuned for this hardware and sampling instead"
+    )
+    parser.add_argument(
+        "--prompt-lookup-tokens", type=int, default=10,
+        help="prompt_lookup_num_tokens of hf_prompt_lookup, and the lookup branch of eagle2_lookup and eagle2_adaptive",
+    )  # fmt: skip
     parser.add_argument("--warmup-tokens", type=int, default=32)
     parser.add_argument("--check-lossless", action="store_true", help="compare every method's tokens with vanilla's")
     parser.add_argument(
@@ -160,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resuming: {len(done)} answer(s) reused from {checkpoint.path}", file=sys.stderr)
     checkpoint.start(done)
     results = run_benchmark(
-        engine, build_methods(engine, names, gguf_of(args)), questions, settings, not args.no_progress, memory, done, checkpoint.record
+        engine, build_methods(engine, names, gguf_of(args)), questions, settings, not args.no_progress, memory, done,
+        checkpoint.record,
     )
 
     dtype, quantization = checkpoint.settings["dtype"], checkpoint.settings["quantization"]

@@ -69,7 +69,8 @@ class EngineMethod:
         phase_ms = {k: end["totals"][k] for k in PHASES}
         totals = end["totals"]
         return TurnOutput(
-            end["output_ids"], end["text"], wall_s, totals["cycles"], end["finish_reason"], phase_ms, totals["head_cycles"], marks
+            end["output_ids"], end["text"], wall_s, totals["cycles"], end["finish_reason"], phase_ms,
+            totals["head_cycles"], marks,
         )
 
 

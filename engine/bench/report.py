@@ -62,9 +62,10 @@ def markdown_report(report: dict) -> str:
             "|---|---:|---:|---:|---:|",
         ]
         for method, o in timed.items():
+            head_share = fmt(100 * o["head_share"] if "head_share" in o else None, ".0f", "%")
             lines.append(
                 f"| {method} | {o['draft_ms_per_cycle']:.1f} | {o['verify_ms_per_cycle']:.1f} | "
-                f"{o['prefill_ms_per_turn']:.1f} | {fmt(100 * o['head_share'] if 'head_share' in o else None, '.0f', '%')} |"
+                f"{o['prefill_ms_per_turn']:.1f} | {head_share} |"
             )
     lossless = report.get("lossless")
     if lossless is not None:

@@ -16,7 +16,6 @@ from engine.train.features import load_sequences
 from engine.train.fit import FitConfig, fit
 from engine.train.vocab import answer_token_counts, draft_vocabulary, vocabulary_coverage
 
-
 FLAG_HELP = {
     "temperatures": "answer every prompt once per temperature, e.g. 0,1 (0: greedy; sampled answers widen the "
     "contexts the head sees to those of sampled decoding)",
@@ -34,27 +33,34 @@ def main(argv=None) -> None:
     from engine.head import load_head
     from engine.models import load_target
 
-    p = argparse.ArgumentParser(prog="python -m engine.train", description="Train an EAGLE draft head for a target model (resumable).")
+    p = argparse.ArgumentParser(
+        prog="python -m engine.train", description="Train an EAGLE draft head for a target model (resumable)."
+    )
     p.add_argument("--prompts", required=True, help="jsonl with a 'prompt' field per line (never benchmark questions)")
     p.add_argument("--run", required=True, type=Path, help="working folder for data shards and checkpoints")
     p.add_argument("--export", type=Path, help="write the trained head here (official EAGLE layout + card)")
     add_engine_arguments(p, head=False)  # the head is the one being trained (--init, --export)
     p.add_argument(
         "--max-source-share", type=float, default=1.0,
-        help="cap each prompt source (the jsonl 'source' field) at this share of the prompts, e.g. 0.25; default 1 (no cap)",
+        help="cap each prompt source (the jsonl 'source' field) at this share of the prompts, e.g. 0.25; "
+        "default 1 (no cap)",
     )
     p.add_argument(
         "--sources", default="",
         help="comma-separated prefixes of the jsonl 'source' field to keep, e.g. self-instruct (default: all)",
     )
-    p.add_argument("--draft-vocab", type=int, default=8192, help="draft only the N most frequent answer tokens (0: full vocabulary)")
+    p.add_argument(
+        "--draft-vocab", type=int, default=8192,
+        help="draft only the N most frequent answer tokens (0: full vocabulary)",
+    )
     p.add_argument(
         "--init", type=Path, default=None, metavar="HEAD",
         help="fine-tune this head (official EAGLE layout) instead of training a fresh one; keeps its draft vocabulary",
     )
     for name, cfg_cls in (("data", DataConfig), ("fit", FitConfig)):
         for k, v in asdict(cfg_cls()).items():
-            flag, help_ = f"--{k.replace('_', '-')}", f"{name}: {FLAG_HELP[k] + '; ' if k in FLAG_HELP else ''}default {v}"
+            flag = f"--{k.replace('_', '-')}"
+            help_ = f"{name}: {FLAG_HELP[k] + '; ' if k in FLAG_HELP else ''}default {v}"
             if isinstance(v, bool):
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, default=v, help=help_)
             else:
@@ -68,7 +74,9 @@ def main(argv=None) -> None:
     model, tokenizer = load_target(model_spec(args))
     init = load_head(args.init, model, dtype=torch.float32) if args.init else None  # before hours of data
     started = time.time()
-    generate_data(model, tokenizer, read_prompts(args.prompts, args.max_source_share, sources=tuple(filter(None, args.sources.split(",")))), args.run, data_cfg)
+    sources = tuple(filter(None, args.sources.split(",")))
+    prompts = read_prompts(args.prompts, args.max_source_share, sources=sources)
+    generate_data(model, tokenizer, prompts, args.run, data_cfg)
     seqs = load_sequences(args.run)
     n_tokens = sum(len(s["ids"]) - s["answer_start"] for s in seqs)
     print(f"{len(seqs)} sequences, {n_tokens} answer tokens", file=sys.stderr)
@@ -76,7 +84,10 @@ def main(argv=None) -> None:
     if init is not None and init.draft_vocab is not None:  # a fine-tune keeps the head's vocabulary
         vocab = init.draft_vocab.cpu()
         coverage = vocabulary_coverage(answer_token_counts(seqs, model.config.vocab_size), vocab)
-        print(f"draft vocabulary of {args.init}: {len(vocab)} tokens cover {coverage:.1%} of answer tokens", file=sys.stderr)
+        print(
+            f"draft vocabulary of {args.init}: {len(vocab)} tokens cover {coverage:.1%} of answer tokens",
+            file=sys.stderr,
+        )
     elif init is None and args.draft_vocab:
         eos = model.generation_config.eos_token_id
         always = {eos} if isinstance(eos, int) else set(eos or [])
@@ -86,19 +97,24 @@ def main(argv=None) -> None:
     head.draft_vocab = vocab
     if args.export:
         best = max(head.history, key=lambda h: h.get("heldout_score", 0.0)) if head.history else {}
-        steps_acc = ", ".join(f"step {k.rsplit('_', 1)[1]} {v:.3f}" for k, v in best.items() if k.startswith("heldout_acc_"))
+        steps_acc = ", ".join(
+            f"step {k.rsplit('_', 1)[1]} {v:.3f}" for k, v in best.items() if k.startswith("heldout_acc_")
+        )
+        by_temperature = sorted(Counter(s["temperature"] for s in seqs).items())
         card = {
             "target": Path(getattr(model.config, "_name_or_path", "") or model.config.model_type).name,
             "data": f"{len(seqs)} self-distilled answers ({n_tokens} tokens) to prompts from {Path(args.prompts).name}"
-            + " (" + ", ".join(f"{n} at T={t:g}" for t, n in sorted(Counter(s["temperature"] for s in seqs).items())) + ")",
+            + " (" + ", ".join(f"{n} at T={t:g}" for t, n in by_temperature) + ")",
             "steps": fit_cfg.steps if not head.history or head.history[-1]["step"] >= fit_cfg.steps
             else f"{head.history[-1]['step']} of {fit_cfg.steps} (stopped by --fit-minutes {fit_cfg.fit_minutes})",
             "batch tokens": fit_cfg.batch_tokens,
-            "held-out next-token accuracy (best checkpoint)": f"{best.get('heldout_acc', float('nan')):.3f} at step {best.get('step')}"
+            "held-out next-token accuracy (best checkpoint)":
+            f"{best.get('heldout_acc', float('nan')):.3f} at step {best.get('step')}"
             + (f" (draft steps fed the head's own features: {steps_acc})" if steps_acc else ""),
             "training draft steps (unroll)": fit_cfg.unroll,
             **({"fine-tuned from": str(args.init)} if args.init else {}),
-            "draft vocabulary": f"{len(head.draft_vocab)} tokens ({coverage:.1%} of answer tokens)" if head.draft_vocab is not None else "full",
+            "draft vocabulary": f"{len(head.draft_vocab)} tokens ({coverage:.1%} of answer tokens)"
+            if head.draft_vocab is not None else "full",
             "wall time (this run, all stages)": f"{(time.time() - started) / 60:.1f} min",
             "hardware": f"{torch.get_num_threads()} CPU threads" if model.device.type == "cpu" else str(model.device),
             "command": "python -m engine.train " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -67,7 +67,8 @@ def read_prompts(path: Path, max_source_share: float = 1.0, seed: int = 0, sourc
 
 
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    messages = [{"role": "user", "content": prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(ids if isinstance(ids, list) else ids["input_ids"])
 
 
@@ -131,8 +132,10 @@ def generate_data(model, tokenizer, prompts: list[str], run: Path, cfg: DataConf
                 width = max(map(len, batch))
                 input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=model.device)
                 attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=model.device)
-                sampling = dict(do_sample=True, temperature=temp, top_k=0, top_p=1.0) if temp > 0 else dict(do_sample=False)
-                torch.manual_seed(((cfg.shuffle_seed * 100_003 + s) * 1_009 + b) * 31 + ti)  # reproducible sampled answers
+                sampled = dict(do_sample=True, temperature=temp, top_k=0, top_p=1.0)
+                sampling = sampled if temp > 0 else dict(do_sample=False)
+                # reproducible sampled answers
+                torch.manual_seed(((cfg.shuffle_seed * 100_003 + s) * 1_009 + b) * 31 + ti)
                 out = model.generate(
                     input_ids=input_ids, attention_mask=attention, max_new_tokens=cfg.max_new_tokens,
                     pad_token_id=pad, eos_token_id=eos, **sampling,

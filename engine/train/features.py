@@ -22,7 +22,8 @@ def answered_prompts(data_dir: Path, with_temperature: bool = False) -> set:
     done = set()
     for path in data_dir.glob("shard_*.safetensors"):
         with safe_open(str(path), framework="pt") as f:
-            ids, off, starts = f.get_tensor("input_ids").tolist(), f.get_tensor("offsets").tolist(), f.get_tensor("answer_start").tolist()
+            ids, off = f.get_tensor("input_ids").tolist(), f.get_tensor("offsets").tolist()
+            starts = f.get_tensor("answer_start").tolist()
             temps = stored_temperatures(f.keys(), f.get_tensor, len(starts))
         prompts = (tuple(ids[a : a + n]) for a, n in zip(off, starts))
         done.update(zip(prompts, temps) if with_temperature else prompts)
@@ -30,7 +31,9 @@ def answered_prompts(data_dir: Path, with_temperature: bool = False) -> set:
 
 
 @torch.no_grad()
-def shard_tensors(model, records: list[tuple[list[int], list[int]]], batch_tokens: int = 8192) -> dict[str, torch.Tensor]:
+def shard_tensors(
+    model, records: list[tuple[list[int], list[int]]], batch_tokens: int = 8192
+) -> dict[str, torch.Tensor]:
     """Concatenate sequences; features are the target's final-norm hidden states (bf16).
 
     Sequences of similar length share a forward (right-padded, masked): causal attention means the
@@ -67,7 +70,8 @@ def load_sequences(run: Path) -> list[dict]:
         for i, (start, temp) in enumerate(zip(starts, temps)):
             a, b = off[i], off[i + 1]
             if b - a >= 3:
-                seqs.append({"ids": t["input_ids"][a:b], "features": t["features"][a:b], "answer_start": start, "temperature": temp})
+                ids, features = t["input_ids"][a:b], t["features"][a:b]
+                seqs.append({"ids": ids, "features": features, "answer_start": start, "temperature": temp})
     return seqs
 
 

@@ -176,7 +176,9 @@ def fit(
         head, origin = DraftHead(head_config_for(model)).float(), "fresh"
     else:
         if init.embed_tokens is not None:
-            raise ValueError("--init: this head carries its own embed_tokens; fine-tuning trains with the target's embeddings")
+            raise ValueError(
+                "--init: this head carries its own embed_tokens; fine-tuning trains with the target's embeddings"
+            )
         head = DraftHead(init.config_dict).float()
         head.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
         origin = "init " + weights_digest(init)[:12]
@@ -213,7 +215,11 @@ def fit(
 
     def save_checkpoint() -> None:
         tmp = ckpt.with_suffix(".tmp")
-        torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "history": json.dumps(history), "origin": origin}, tmp)
+        state = {
+            "head": head.state_dict(), "opt": opt.state_dict(), "step": step, "history": json.dumps(history),
+            "origin": origin,
+        }  # fmt: skip
+        torch.save(state, tmp)
         tmp.rename(ckpt)
 
     while step < cfg.steps:
@@ -255,7 +261,8 @@ def evaluate_loss(head, embed, lm_weight, held: list[dict], cfg: FitConfig) -> d
         return {}
     head.eval()
     sums, weights = defaultdict(float), defaultdict(int)
-    for group in pack(sorted(range(len(held)), key=lambda i: len(held[i]["ids"])), [len(s["ids"]) for s in held], cfg.batch_tokens):
+    lengths = [len(s["ids"]) for s in held]
+    for group in pack(sorted(range(len(held)), key=lengths.__getitem__), lengths, cfg.batch_tokens):
         batch = collate([held[i] for i in group], lm_weight.device, cfg.prompt_loss)
         _, stats = eagle_loss(head, embed, lm_weight, batch, cfg, noise=False)
         for k, v in stats.items():
