@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     partial = out.with_name(out.name + ".partial")
     partial.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(partial, out)
-    print(f"wrote {out}: greedy τ of the grid's best tree {max(greedy.table.values()):.2f}, sampled {max(sampled.table.values()):.2f}")
+    best_greedy, best_sampled = max(greedy.table.values()), max(sampled.table.values())
+    print(f"wrote {out}: τ of the grid's best tree {best_greedy:.2f} greedy, {best_sampled:.2f} sampled")
     return 0
 
 

@@ -110,9 +110,7 @@ def unsupported_reason(model) -> str | None:
     window = getattr(config, "sliding_window", None)
     if window is not None and window < config.max_position_embeddings:
         return f"sliding-window attention ({window} of {config.max_position_embeddings} positions)"
-    for module in model.modules():
-        if isinstance(module, nn.Linear | Int8Linear):
-            continue
+    for module in model.modules():  # bitsandbytes layers subclass nn.Linear: look at the module first
         if type(module).__module__.startswith("bitsandbytes"):
             return "bitsandbytes layers"
     return None

@@ -4,6 +4,7 @@ measured CPU tuning on a tiny model (its cache included)."""
 import json
 
 import pytest
+
 from engine import acceptance as acceptance_module
 from engine.autotune import backends as tuning_module
 from engine.autotune.backends import backend_key, tune_cpu

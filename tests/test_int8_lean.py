@@ -223,7 +223,8 @@ def test_real_model_int8_eagle2_equals_int8_vanilla(default_model_dir):
     from engine.head import load_head
     from engine.models import ModelSpec, default_head_path, load_target
 
-    model, tokenizer = load_target(ModelSpec(model=str(default_model_dir), device="cpu", quantization="int8"), progress=False)
+    spec = ModelSpec(model=str(default_model_dir), device="cpu", quantization="int8")
+    model, tokenizer = load_target(spec, progress=False)
     assert is_int8(model) and model.lean is not None
     engine = Engine(model, tokenizer, load_head(default_head_path(), model))
     taus = []

@@ -173,7 +173,8 @@ def tune_cpu(
         cost = measure_costs(engine, context, CPU_NODE_COUNTS, draft_points, repeats, progress=progress)
         best = rank_trees(cost, greedy_acceptance, grid)[0]
         t = best.tree
-        rates.append(BackendRate(name, 1000.0 / cost.verify_ms(1), best.tokens_per_s, (t.total_tokens, t.depth, t.top_k)))
+        tree = (t.total_tokens, t.depth, t.top_k)
+        rates.append(BackendRate(name, 1000.0 / cost.verify_ms(1), best.tokens_per_s, tree))
         costs[name] = cost
     choice = choose_backend(rates)
     engine = engine_for(choice.backend)
@@ -211,7 +212,7 @@ def fastest_vanilla(fp32_model, candidates: tuple[str, ...] | None = None, repea
         target_forward(model, context, torch.arange(CONTEXT_TOKENS), None, cache, logits=False)
         token, position = context[-1:], torch.tensor([CONTEXT_TOKENS])
 
-        def step(model=model, cache=cache):
+        def step(model=model, cache=cache, token=token, position=position):
             target_forward(model, token, position, None, cache)
             cache.crop(-1)
 
