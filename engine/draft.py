@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from engine.config import TreeConfig
 from engine.head import DraftHead
+from engine.int8 import Int8Linear
 from engine.tree import StaticPlan, Tree, make_tree, select_dynamic
 
 
@@ -28,7 +29,13 @@ class Drafter:
         # A head may carry a reduced draft vocabulary (`head.draft_vocab`, target ids): drafting then
         # scores only those rows of the lm_head. Verification always uses the full vocabulary.
         self.vocab_ids = None if head.draft_vocab is None else head.draft_vocab.to(lm_head.weight.device)
-        self.lm_weight = lm_head.weight if self.vocab_ids is None else lm_head.weight[self.vocab_ids]  # (Vd, H)
+        # With an int8 target the draft scores come from its int8 lm_head too (drafting need not be exact).
+        self.lm_int8 = None
+        if isinstance(lm_head, Int8Linear):
+            self.lm_int8 = lm_head if self.vocab_ids is None else lm_head.rows(self.vocab_ids)
+            self.lm_weight = None
+        else:
+            self.lm_weight = lm_head.weight if self.vocab_ids is None else lm_head.weight[self.vocab_ids]  # (Vd, H)
         self.cache = head.new_cache(capacity)
         self.device = head.fc.weight.device
         # Stop growing a tree once deeper nodes cannot make the cut (`_settled`): the tree is the same, the
@@ -41,6 +48,8 @@ class Drafter:
         self.cache.truncate(0)
 
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:  # (t, H) -> (t, Vd) float32
+        if self.lm_int8 is not None:
+            return F.log_softmax(self.lm_int8(hidden.float()), dim=-1)
         return F.log_softmax(F.linear(hidden.to(self.lm_weight.dtype), self.lm_weight).float(), dim=-1)
 
     def _top(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from engine.int8 import is_int8, quantize_int8
 from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import (
@@ -243,7 +245,10 @@ def load_head(path: str | Path, model, dtype: torch.dtype | None = None) -> Draf
             raise HeadMismatchError(f"head d2t maps outside the target vocabulary of {head.vocab_size} (head: {path})")
     target_param = model.get_output_embeddings().weight
     dtype = dtype or (target_param.dtype if target_param.is_floating_point() else torch.float32)
-    return head.to(device=target_param.device, dtype=dtype).eval()
+    head = head.to(device=target_param.device, dtype=dtype).eval()
+    if is_int8(model):  # an int8 target's head drafts with int8 products too (engine/int8.py)
+        quantize_int8(head)
+    return head
 
 
 def save_head(head: DraftHead, path: str | Path, include_embeddings: bool = False) -> None:

@@ -45,10 +45,26 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         q, scale = quantize_rows(x.reshape(-1, shape[-1]).float())
-        y = torch._int_mm(q, self.qweight_t).float().mul_(scale * self.wscale)  # (M, N)
+        y = torch._int_mm(q, self.qweight_t).float().mul_(self.wscale).mul_(scale)  # (M, N)
         if self.bias is not None:
             y.add_(self.bias)
         return y.view(*shape[:-1], self.out_features)
+
+    def rows(self, ids: torch.Tensor) -> "Int8Linear":
+        """The layer restricted to output channels `ids` (e.g. a draft vocabulary), built once per `ids`."""
+        key = (ids.data_ptr(), ids.shape[0])
+        cached = getattr(self, "_rows", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        sub = Int8Linear.__new__(Int8Linear)
+        nn.Module.__init__(sub)
+        sub.in_features, sub.out_features = self.in_features, ids.shape[0]
+        sub.register_buffer("qweight_t", self.qweight_t.t()[ids].t(), persistent=False)
+        sub.register_buffer("wscale", self.wscale[:, ids], persistent=False)
+        sub.register_buffer("bias", None if self.bias is None else self.bias[ids], persistent=False)
+        sub.weight = None
+        object.__setattr__(self, "_rows", (key, sub))  # a cache, not a submodule
+        return sub
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row x per-channel"

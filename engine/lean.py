@@ -196,13 +196,15 @@ class LeanForward:
         for i, layer in enumerate(self.layers):
             h = _rms(layer.norm_in, x)
             qkv = layer.qkv(h)  # (n, qn + 2 kvn)
-            q = qkv[:, :qn].view(n, self.heads, hd)
-            k = qkv[:, qn : qn + kvn].view(n, self.kv_heads, hd)
             v = qkv[:, qn + kvn :].view(n, self.kv_heads, hd)
-            if layer.q_norm is not None:
-                q, k = _rms(layer.q_norm, q), _rms(layer.k_norm, k)
-            q = _rotate(q.transpose(0, 1)[None], cos, sin)  # (1, heads, n, hd)
-            k = _rotate(k.transpose(0, 1)[None], cos, sin)
+            if layer.q_norm is None:  # rotate q and k in one go: (1, heads + kv_heads, n, hd)
+                qk = _rotate(qkv[:, : qn + kvn].view(n, self.heads + self.kv_heads, hd).transpose(0, 1)[None], cos, sin)
+                q, k = qk[:, : self.heads], qk[:, self.heads :]
+            else:
+                q = _rms(layer.q_norm, qkv[:, :qn].view(n, self.heads, hd))
+                k = _rms(layer.k_norm, qkv[:, qn : qn + kvn].view(n, self.kv_heads, hd))
+                q = _rotate(q.transpose(0, 1)[None], cos, sin)  # (1, heads, n, hd)
+                k = _rotate(k.transpose(0, 1)[None], cos, sin)
             cache.keys[i, :, :, past:end] = k
             cache.values[i, :, :, past:end] = v.transpose(0, 1)[None]
             keys, values = cache.keys[i, :, :, :end], cache.values[i, :, :, :end]
