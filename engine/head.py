@@ -21,8 +21,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-
-from engine.int8 import is_int8, quantize_int8
 from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import (
@@ -31,6 +29,8 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
 )
+
+from engine.int8 import is_int8, quantize_int8
 
 
 class HeadMismatchError(ValueError):
