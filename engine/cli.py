@@ -18,7 +18,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, head: bool = True) -> 
         parser.add_argument("--head", default=None, help="draft head folder (default: the shipped head)")
     parser.add_argument(
         "--backend", default=None,
-        help="how the target runs: int8 (CPU), fp32, bf16, fp16, bnb-8bit, bnb-4bit; overrides --dtype and the "
+        help="how the target runs: int8 (CPU), fp32, bf16, fp16, bnb-8bit, bnb-4bit, or auto (the benchmark: measured "
+        "on this CPU like launch.py); overrides --dtype and the "
         "quantization flags (engine/backend.py)",
     )
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
@@ -38,7 +39,7 @@ def model_spec(args: argparse.Namespace):
     from engine.models import ModelSpec
 
     spec = ModelSpec(args.model, args.dtype, args.device, quantization_of(args))
-    if getattr(args, "backend", None):
+    if getattr(args, "backend", None) not in (None, "auto"):
         from engine.backend import spec_for
 
         spec = spec_for(args.backend, spec)
