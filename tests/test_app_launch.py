@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FLAGS = (
     "--model", "--head", "--no-head", "--load-in-4bit", "--load-in-8bit", "--device", "--dtype", "--host",
     "--port", "--share", "--auth", "--no-browser", "--max-new-tokens", "--lookup", "--tree", "--sampling-tree",
-    "--adaptive",
+    "--adaptive", "--backend", "--method",
 )
 
 

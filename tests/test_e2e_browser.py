@@ -70,7 +70,7 @@ def server(default_model_dir):
         proc = subprocess.Popen(
             [
                 sys.executable, str(ROOT / "launch.py"), "--no-browser", "--port", str(port), "--max-new-tokens", "48",
-                "--tree", "paper", "--sampling-tree", "4,2,4",
+                "--tree", "paper", "--sampling-tree", "4,2,4", "--method", "eagle2",
             ],
             cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -204,3 +204,11 @@ def test_tree_sliders_switch_to_the_sampling_tree_and_back(page):
         "() => document.querySelector('#tree-total input[type=number]').value == '60'", timeout=30_000
     )
     assert slider_value(page, "tree-depth") == "6"
+
+
+def test_header_names_the_backend_and_its_promise(page):
+    header = page.inner_text(".engine-line")
+    assert re.search(r"· (int8|fp32|bf16|fp16) ·", header), header
+    body = page.inner_text("body")
+    assert "With temperature 0 the reply is" in body
+    assert page.locator("#backend-note").count() == 1  # the measured choice, in the sidebar
