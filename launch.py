@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument(
         "--method", default="auto", choices=("auto", "eagle2", "eagle1", "vanilla"),
         help="the decoding method selected when the page opens (the sidebar changes it). auto (default): EAGLE-2, "
-        "or vanilla where this machine's measurement found no draft tree 10%% faster than vanilla decoding.",
+        "or vanilla where this machine's measurement found no draft tree faster than vanilla decoding.",
     )
     m.add_argument(
         "--backend", default="auto", choices=("auto", "int8", "fp32", "bf16", "fp16", "bnb-8bit", "bnb-4bit"),

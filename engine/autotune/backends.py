@@ -38,7 +38,7 @@ from engine.hardware import hardware_info
 from engine.head import load_head
 from engine.models import cache_dir
 
-FORMAT = 1
+FORMAT = 2  # bump when the cached choice changes meaning
 CPU_NODE_COUNTS = (1, 4, 8, 16, 24, 32, 48, 64)
 CONTEXT_TOKENS = 256  # the context the forwards are timed after: a typical chat turn
 
