@@ -85,12 +85,12 @@ def load_examples(path: str | Path = EXAMPLES_PATH) -> tuple[str, ...]:
 def promise(engine) -> str:
     """What greedy decoding guarantees for the backend that runs, in one sentence for the header."""
     name = engine.describe().split(" · ")[0]
-    if engine.backend in ("bf16", "fp16"):
-        return (
-            f"With temperature 0 the reply is the one {name} ({engine.backend}) writes alone, except where two "
-            f"tokens tie to within {engine.backend} rounding: there the texts can part (docs/performance.md)."
-        )
-    return f"With temperature 0 the reply is exactly the one {name} ({engine.backend}) writes alone."
+    if engine.backend == "int8":  # integer products and float64 attention: batch-independent, bit for bit
+        return f"With temperature 0 the reply is exactly the one {name} (int8) writes alone."
+    return (
+        f"With temperature 0 the reply is the one {name} ({engine.backend}) writes alone, except where two "
+        f"tokens tie to within {engine.backend} rounding: there the texts can part (docs/performance.md)."
+    )
 
 
 def available_methods(engine) -> list[str]:
