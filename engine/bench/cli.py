@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--check-lossless compares against vanilla: add vanilla to --methods")
     if args.check_lossless and args.temperature > 0:
         raise SystemExit("--check-lossless needs greedy decoding (--temperature 0): sampled tokens differ by design")
+    commit = git_commit()  # before the run: the code that is measured
     questions = load_questions(args.questions, args.limit, args.per_category)
     tree = TreeConfig(args.total_tokens, args.depth, args.top_k)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             "quantization": quantization,
             "backend": engine.backend,
             "backend_choice": choice,  # --backend auto: what was measured and why this backend
-            "commit": git_commit(),
+            "commit": commit,
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature,
             "top_p": args.top_p,
