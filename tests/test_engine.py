@@ -12,7 +12,7 @@ from engine.events import load_trace, save_trace
 from engine.kv import commit_path, new_cache
 from engine.tree import make_tree
 from engine.verify import target_forward, tree_attention_mask
-from tests.tiny import oracle_head, perturbed, random_head, tiny_engine, tiny_model, tiny_tokenizer
+from tests.tiny import model_and_head, oracle_head, perturbed, tiny_engine, tiny_model, tiny_tokenizer
 
 PROMPTS = ["hello there", "the cat sat on", "a", "Why is the sky blue?"]
 
@@ -33,11 +33,7 @@ TREES = [TreeConfig(60, 6, 10), TreeConfig(8, 3, 2), TreeConfig(1, 1, 1), TreeCo
 @pytest.mark.parametrize("head_kind", ["random", "perturbed", "oracle"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_greedy_matches_vanilla(arch, head_kind, seed):
-    layers = 1 if head_kind != "random" else 2
-    model = tiny_model(arch, layers=layers, seed=seed)
-    head = random_head(model, seed) if head_kind == "random" else oracle_head(model)
-    if head_kind == "perturbed":
-        head = perturbed(head, 4.0, seed)
+    model, head = model_and_head(arch, head_kind, seed)
     engine = Engine(model, tiny_tokenizer(), head)
     for prompt in PROMPTS[seed % 2 :: 2]:
         want = run(engine, prompt, method="vanilla", max_new_tokens=40)[-1]["output_ids"]

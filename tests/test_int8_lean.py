@@ -23,7 +23,7 @@ from engine.models import backend_name
 from engine.tree import make_tree
 from engine.verify import target_forward, tree_attention_mask
 from tests.test_sampling import exact_tail, gof_pvalue, sample_tail
-from tests.tiny import oracle_head, perturbed, random_head, tiny_model, tiny_tokenizer
+from tests.tiny import model_and_head, oracle_head, perturbed, tiny_model, tiny_tokenizer
 
 PROMPTS = ["hello there", "the cat sat on", "Why is the sky blue?"]
 TREES = [TreeConfig(60, 6, 10), TreeConfig(8, 3, 2), TreeConfig(30, 8, 4), TreeConfig(16, 2, 8), TreeConfig(1, 1, 1)]
@@ -151,11 +151,7 @@ def run(engine: Engine, prompt: str, **kw) -> list[int]:
 @pytest.mark.parametrize("head_kind", ["random", "perturbed", "oracle"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_int8_greedy_matches_int8_vanilla(arch, head_kind, seed):
-    layers = 1 if head_kind != "random" else 2
-    model = tiny_model(arch, layers=layers, seed=seed)
-    head = random_head(model, seed) if head_kind == "random" else oracle_head(model)
-    if head_kind == "perturbed":
-        head = perturbed(head, 4.0, seed)
+    model, head = model_and_head(arch, head_kind, seed)
     quantize_int8(model)
     attach_lean(model)
     engine = Engine(model, tiny_tokenizer(), head)

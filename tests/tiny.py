@@ -110,6 +110,15 @@ def perturbed(head: DraftHead, scale: float, seed: int = 0) -> DraftHead:
     return other.eval()
 
 
+def model_and_head(arch: str, head_kind: str, seed: int):
+    """A tiny target and a head of one kind: "random" (2 layers), "oracle" or "perturbed" (1 layer)."""
+    model = tiny_model(arch, layers=1 if head_kind != "random" else 2, seed=seed)
+    head = random_head(model, seed) if head_kind == "random" else oracle_head(model)
+    if head_kind == "perturbed":
+        head = perturbed(head, 4.0, seed)
+    return model, head
+
+
 def tiny_engine(arch: str = "llama", head: str = "oracle", layers: int = 1, vocab_size: int = 64, **kw) -> Engine:
     model = tiny_model(arch, vocab_size=vocab_size, layers=layers, **kw)
     tokenizer = tiny_tokenizer(vocab_size)
