@@ -107,7 +107,7 @@ class BackendChoice:
             for r in self.rates[1:]
         )
         what = "EAGLE-2" if self.method == "eagle2" else "vanilla decoding (no draft tree pays here)"
-        line = f"backend {self.backend}: {what} expected at {best.best:.0f} tokens/s"
+        line = f"{self.backend} backend: {what} expected at {best.best:.0f} tokens/s"
         return line + (f"; against {others} tokens/s" if others else "")
 
 
