@@ -340,7 +340,8 @@ def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
             top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k", info="0 = off")
             seed = gr.Number(-1, precision=0, label="Seed", info="-1 = random (used when temperature > 0)")
             if options.backend_note:
-                gr.Markdown(f"<small>Measured on this CPU: {html.escape(options.backend_note)}</small>", elem_id="backend-note")
+                backend = html.escape(options.backend_note)
+                gr.Markdown(f"<small>Measured on this CPU: {backend}</small>", elem_id="backend-note")
             with gr.Accordion("Draft tree", open=True):
                 note = f"Defaults: {options.tree_note}"
                 if options.sampling_tree is not None:
