@@ -33,14 +33,25 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        weight = linear.weight.detach().float()  # (N, K)
-        q, scale = quantize_rows(weight)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("qweight_t", q.t(), persistent=False)  # (K, N), a column-major view: the faster layout
-        self.register_buffer("wscale", scale.view(1, -1), persistent=False)  # (1, N)
-        bias = linear.bias
-        self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
+        q, scale = quantize_rows(linear.weight.detach().float())  # (N, K), (N, 1)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self._set(q, scale.view(1, -1), bias)
         self.weight = linear.weight  # the float weight, for readers of lm_head.weight (not used here)
+
+    def _set(self, q: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.register_buffer("qweight_t", q.t(), persistent=False)  # (K, N), a column-major view: the faster layout
+        self.register_buffer("wscale", wscale, persistent=False)  # (1, N)
+        self.register_buffer("bias", bias, persistent=False)
+
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
+        """A layer from int8 rows q (N, K), their scales (1, N) and a float bias (N,) or None."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._set(q, wscale, bias)
+        layer.weight = None
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -56,13 +67,8 @@ class Int8Linear(nn.Module):
         cached = getattr(self, "_rows", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        sub = Int8Linear.__new__(Int8Linear)
-        nn.Module.__init__(sub)
-        sub.in_features, sub.out_features = self.in_features, ids.shape[0]
-        sub.register_buffer("qweight_t", self.qweight_t.t()[ids].t(), persistent=False)
-        sub.register_buffer("wscale", self.wscale[:, ids], persistent=False)
-        sub.register_buffer("bias", None if self.bias is None else self.bias[ids], persistent=False)
-        sub.weight = None
+        bias = None if self.bias is None else self.bias[ids]
+        sub = Int8Linear.from_quantized(self.qweight_t.t()[ids], self.wscale[:, ids], bias)
         object.__setattr__(self, "_rows", (key, sub))  # a cache, not a submodule
         return sub
 

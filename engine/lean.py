@@ -74,20 +74,13 @@ class LeanCache:
 
 def _fuse(linears: list[nn.Module]) -> nn.Module:
     """One product for several linears reading the same input: outputs concatenated in order."""
-    if all(isinstance(m, Int8Linear) for m in linears):
-        fused = Int8Linear.__new__(Int8Linear)
-        nn.Module.__init__(fused)
-        q = torch.cat([m.qweight_t.t() for m in linears])  # (N, K) row-major
-        fused.in_features, fused.out_features = linears[0].in_features, q.shape[0]
-        fused.register_buffer("qweight_t", q.t(), persistent=False)
-        fused.register_buffer("wscale", torch.cat([m.wscale for m in linears], dim=1), persistent=False)
+    if all(isinstance(m, Int8Linear) for m in linears):  # rows scaled per output channel: concatenate them
         biases = [m.bias for m in linears]
         bias = None if all(b is None for b in biases) else torch.cat(
             [b if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, linears)]
         )
-        fused.register_buffer("bias", bias, persistent=False)
-        fused.weight = None
-        return fused
+        q = torch.cat([m.qweight_t.t() for m in linears])  # (N, K) row-major
+        return Int8Linear.from_quantized(q, torch.cat([m.wscale for m in linears], dim=1), bias)
     weight = torch.cat([m.weight.detach() for m in linears])
     biases = [m.bias for m in linears]
     out = nn.Linear(weight.shape[1], weight.shape[0], bias=any(b is not None for b in biases))
@@ -192,6 +185,8 @@ class LeanForward:
         if mask is None and n > 1:  # plain causal over the cache and the new tokens
             causal = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(diagonal=past)
             mask = causal[None, None]
+        if self.exact and mask is not None and mask.is_floating_point():
+            mask = mask.double()  # once per forward, not once per layer
         hd, qn, kvn = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i, layer in enumerate(self.layers):
             h = _rms(layer.norm_in, x)
