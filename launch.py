@@ -194,12 +194,10 @@ def main(argv: list[str] | None = None) -> int:
             f"Pass --head PATH to use one (or --no-head to silence this).",
             file=sys.stderr, flush=True,
         )
-    spec = model_spec(args)
+    spec = model_spec(args)  # a named --backend is applied there
     measure = args.backend == "auto" and spec.dtype == "auto" and spec.quantization is None
     measure = measure and resolve_device(spec.device).type == "cpu"
-    if args.backend != "auto":
-        spec = spec_for(args.backend, spec)
-    elif measure:
+    if measure:
         spec = spec_for("fp32", spec)  # the candidates are derived from the float32 weights
     t = step(f"Loading the model ({args.model or 'default: SmolLM2-135M-Instruct'})")
     try:
