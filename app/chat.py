@@ -2,7 +2,7 @@
 
 `ChatSession` holds a session's turns, the cycle events of its last reply (for the tree panel) and the
 cancel flag of its running request. `stream_reply` turns the engine's event stream into `ReplyView`
-snapshots the UI can draw. `ui.py` wires these to components; tests drive them directly.
+snapshots the UI can draw. `handlers.py` calls these from the Gradio events; tests drive them directly.
 
 Invariants:
   - A turn is added to the history only when its reply ends (finished, stopped or cut by a limit); a
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from app.pump import pump
 from app.reply import Piece, pieces_from_cycle, render_tinted
-from engine.config import METHODS, GenerationConfig, SamplingConfig, TreeConfig
+from engine.config import GenerationConfig
 
 # Text past this many characters per context token is refused before tokenizing (tokens average ~4).
 CHARS_PER_TOKEN_LIMIT = 8
@@ -78,84 +78,6 @@ class ReplyView:
     finished: bool = False
     finish_reason: str = ""
     finish_message: str = ""
-
-
-def _whole(name: str, value) -> int:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if number != int(number):
-        raise ValueError(f"{name} must be a whole number, got {value}")
-    return int(number)
-
-
-def _real(name: str, value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-
-
-def make_config(
-    method: str,
-    max_new_tokens,
-    temperature,
-    top_p,
-    top_k,
-    total_tokens,
-    depth,
-    tree_top_k,
-    seed=None,
-    lookup=0,
-    adaptive=False,
-) -> GenerationConfig:
-    """A validated GenerationConfig from the settings panel's raw values; ValueError says what is wrong."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    seed_value = None if seed is None or seed == "" else _whole("seed", seed)
-    config = GenerationConfig(
-        method=method,
-        max_new_tokens=_whole("max new tokens", max_new_tokens),
-        sampling=SamplingConfig(
-            temperature=_real("temperature", temperature),
-            top_p=_real("top-p", top_p),
-            top_k=_whole("top-k", top_k),
-        ),
-        tree=TreeConfig(
-            total_tokens=_whole("tree total tokens", total_tokens),
-            depth=_whole("tree depth", depth),
-            top_k=_whole("tree top-k", tree_top_k),
-            lookup=_whole("prompt-lookup tokens", lookup),
-            adaptive=bool(adaptive),
-        ),
-        seed=None if seed_value is None or seed_value < 0 else seed_value,
-    )
-    config.validate()
-    return config
-
-
-def samples(temperature) -> bool:
-    """Whether a temperature setting means sampling (above 0) rather than greedy decoding."""
-    return float(temperature) > 0
-
-
-def tree_for_temperature(
-    temperature, total, depth, top_k, greedy: TreeConfig, sampling: TreeConfig | None
-) -> tuple[int, int, int]:
-    """The tree sliders (total, depth, top-k) after a temperature change: the sampling tree when sampling
-    starts, the greedy tree when it stops, but only while the sliders still hold the other default:
-    a tree the user set stays."""
-    current = (int(total), int(depth), int(top_k))
-    if sampling is None:
-        return current
-    greedy_values = (greedy.total_tokens, greedy.depth, greedy.top_k)
-    sampling_values = (sampling.total_tokens, sampling.depth, sampling.top_k)
-    if samples(temperature) and current == greedy_values:
-        return sampling_values
-    if not samples(temperature) and current == sampling_values:
-        return greedy_values
-    return current
 
 
 def check_message(message, context_length: int) -> str:

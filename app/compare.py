@@ -10,6 +10,7 @@ Pure functions over event lists, plus `measure`, which drives the engine through
 """
 
 import html
+import os.path
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -18,7 +19,6 @@ from app.pump import pump
 from app.reply import Piece, pieces_from_cycle, render_tinted
 from app.stats import method_label, speedup_line, stats_line
 from engine.config import GenerationConfig
-from engine.decode import common_prefix
 
 WARMUP_TOKENS = 4
 MEASURED_NOTE = (
@@ -138,7 +138,7 @@ def summary(run_a: Run, run_b: Run, greedy: bool) -> str:
         lines.append(f"Texts identical: **yes**, token for token ({len(run_a.end['output_ids'])} tokens).")
     else:
         a, b = run_a.text, run_b.text
-        first = common_prefix(a, b)
+        first = len(os.path.commonprefix([a, b]))  # not engine.decode's: that would import torch
         why = (
             "With temperature > 0 each run samples its own tokens, so different texts are expected."
             if not greedy

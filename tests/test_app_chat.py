@@ -7,9 +7,10 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from app.chat import build_messages, make_config, stream_reply
+from app.chat import build_messages, stream_reply
 from app.compare import measure, summary
 from app.reply import render_tinted
+from app.settings import make_config
 from app.tree_svg import render_cycle
 from app.ui import AppOptions, build_ui
 from tests.tiny import tiny_engine

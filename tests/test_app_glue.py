@@ -15,14 +15,13 @@ from app.chat import (
     as_text,
     chatbot_messages,
     check_message,
-    make_config,
-    tree_for_temperature,
     trim_notice,
 )
 from app.compare import Run, replay_times, summary
 from app.labels import shorten, visible
 from app.pump import pump
 from app.reply import Piece, drafted_count, pieces_from_cycle, render_tinted
+from app.settings import make_config, tree_for_temperature
 from app.stats import speedup_line, stats_line
 from app.tree_svg import COPIED, layout_rows, render_cycle, render_tree
 from engine.config import TreeConfig

@@ -8,7 +8,8 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from app.chat import build_messages, make_config, stream_reply
+from app.chat import build_messages, stream_reply
+from app.settings import make_config
 from app.ui import AppOptions, build_ui
 from engine.config import TreeConfig
 from tests.tiny import tiny_engine

@@ -1,0 +1,156 @@
+"""What the app can be set to: `AppOptions`, fixed at launch, and `ChatSettings`, one request's sidebar.
+
+`ChatSettings` holds the generation settings as the sidebar's components give them (sliders send floats,
+the seed box may be empty); `ChatSettings.config(method)` is the one place they become a validated
+`GenerationConfig`, and its ValueError says which setting is wrong. Pure: no Gradio, no torch.
+"""
+
+import random
+from dataclasses import dataclass, fields, replace
+
+from engine.config import METHODS, GenerationConfig, SamplingConfig, TreeConfig
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    """What the UI needs besides the engine; launch.py fills it from the command line."""
+
+    title: str = "EAGLE-2 speculative decoding chat"
+    examples: tuple[str, ...] = ()
+    system_prompt: str = "You are a helpful assistant."
+    max_new_tokens: int = 256
+    max_new_tokens_limit: int = 2048
+    poll_s: float = 0.08  # how often streaming updates reach the browser
+    tree: TreeConfig = TreeConfig()  # default tree settings (auto-tuned by launch.py)
+    tree_note: str = "EAGLE-2 paper defaults"  # where the default tree came from, shown in the sidebar
+    sampling_tree: TreeConfig | None = None  # the tree for temperature > 0 (None: the same as `tree`)
+    sampling_tree_note: str = ""
+    default_method: str | None = None  # the method selected on load (None: EAGLE-2 when a head is loaded)
+    backend_note: str = ""  # why this backend runs the target (launch.py's measurement), shown in the sidebar
+
+    def tree_for(self, temperature) -> TreeConfig:
+        """The default tree for a temperature: the sampling tree when sampling and one was given."""
+        return self.sampling_tree if self.sampling_tree is not None and samples(temperature) else self.tree
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """One request's generation settings, in the sidebar's order, as its components hold them."""
+
+    max_new_tokens: float = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: float = 0
+    total_tokens: float = 60
+    depth: float = 6
+    tree_top_k: float = 10
+    seed: float | str | None = None  # None, "" or negative: a random seed
+    lookup: float = 0
+    adaptive: bool = False
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The field names, in the order the UI passes the settings components' values."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def with_tree(cls, tree: TreeConfig, **values) -> "ChatSettings":
+        """Settings that draft with `tree` (its shape, lookup branch and adaptive head); the rest from values."""
+        shape = dict(total_tokens=tree.total_tokens, depth=tree.depth, tree_top_k=tree.top_k)
+        return cls(**shape, lookup=tree.lookup, adaptive=tree.adaptive, **values)
+
+    def config(self, method: str) -> GenerationConfig:
+        """A validated GenerationConfig for `method`; ValueError says what is wrong."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        seed = self._seed()
+        config = GenerationConfig(
+            method=method,
+            max_new_tokens=_whole("max new tokens", self.max_new_tokens),
+            sampling=SamplingConfig(
+                temperature=_real("temperature", self.temperature),
+                top_p=_real("top-p", self.top_p),
+                top_k=_whole("top-k", self.top_k),
+            ),
+            tree=TreeConfig(
+                total_tokens=_whole("tree total tokens", self.total_tokens),
+                depth=_whole("tree depth", self.depth),
+                top_k=_whole("tree top-k", self.tree_top_k),
+                lookup=_whole("prompt-lookup tokens", self.lookup),
+                adaptive=bool(self.adaptive),
+            ),
+            seed=None if seed is None or seed < 0 else seed,
+        )
+        config.validate()
+        return config
+
+    def with_fixed_seed(self) -> "ChatSettings":
+        """The same settings with a concrete seed: the one set, or a random one when none is."""
+        seed = self._seed()
+        return self if seed is not None and seed >= 0 else replace(self, seed=random.randrange(2**31))
+
+    def _seed(self) -> int | None:
+        return None if self.seed is None or self.seed == "" else _whole("seed", self.seed)
+
+
+def make_config(
+    method: str,
+    max_new_tokens,
+    temperature,
+    top_p,
+    top_k,
+    total_tokens,
+    depth,
+    tree_top_k,
+    seed=None,
+    lookup=0,
+    adaptive=False,
+) -> GenerationConfig:
+    """`ChatSettings(...).config(method)` in one call, for scripts and tests that spell settings out."""
+    values = (max_new_tokens, temperature, top_p, top_k, total_tokens, depth, tree_top_k, seed, lookup, adaptive)
+    return ChatSettings(*values).config(method)
+
+
+def available_methods(engine) -> list[str]:
+    """The methods this engine can run, the preferred first (vanilla alone when no head is loaded)."""
+    return ["vanilla"] if engine.head is None else ["eagle2", "eagle1", "vanilla"]
+
+
+def samples(temperature) -> bool:
+    """Whether a temperature setting means sampling (above 0) rather than greedy decoding."""
+    return float(temperature) > 0
+
+
+def tree_for_temperature(
+    temperature, total, depth, top_k, greedy: TreeConfig, sampling: TreeConfig | None
+) -> tuple[int, int, int]:
+    """The tree sliders (total, depth, top-k) after a temperature change: the sampling tree when sampling
+    starts, the greedy tree when it stops, but only while the sliders still hold the other default:
+    a tree the user set stays."""
+    current = (int(total), int(depth), int(top_k))
+    if sampling is None:
+        return current
+    greedy_values = (greedy.total_tokens, greedy.depth, greedy.top_k)
+    sampling_values = (sampling.total_tokens, sampling.depth, sampling.top_k)
+    if samples(temperature) and current == greedy_values:
+        return sampling_values
+    if not samples(temperature) and current == sampling_values:
+        return greedy_values
+    return current
+
+
+def _whole(name: str, value) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if number != int(number):
+        raise ValueError(f"{name} must be a whole number, got {value}")
+    return int(number)
+
+
+def _real(name: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
