@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     from app import AppOptions, build_ui, load_examples
     from app.ui import CSS_PATH
     from engine.backend import spec_for
+    from engine.checkpoint import load_head
     from engine.cli import head_folder, model_spec
     from engine.decode import Engine
-    from engine.head import load_head
     from engine.models import load_target, resolve_device
 
     done(t)

@@ -58,8 +58,8 @@ def engine_from_args(args: argparse.Namespace, need_head: bool):
     """Load the target (and the head when `need_head`); returns (engine, head path or None)."""
     import torch
 
+    from engine.checkpoint import load_head
     from engine.decode import Engine
-    from engine.head import load_head
     from engine.models import load_target
 
     if args.threads is not None:

@@ -26,7 +26,7 @@ from engine.detok import IncrementalDetokenizer
 from engine.draft import Drafter
 from engine.events import CycleEvent, EndEvent, StartEvent, Totals, TreeView
 from engine.gate import HeadGate
-from engine.head import DraftHead
+from engine.head import DraftHead, Eagle3Head
 from engine.kv import commit_path, new_cache
 from engine.lookup import NGRAMS, graft, lookup_chain
 from engine.models import backend_name
@@ -38,6 +38,7 @@ SCORE_SCALE = 10_000  # scores travel to the host packed as integers, with 4 dec
 # a copy stretch: the next cycle verifies the copied chain alone, up to twice the lookup length, without
 # running the head (its pairs wait for the next head cycle), until a cycle accepts less than that.
 COPY_RUN = 4
+HEAD_NAMES = {"eagle1": "EAGLE", "eagle3": "EAGLE-3"}
 
 
 class ContextTooLong(ValueError):
@@ -105,7 +106,7 @@ class Draft(NamedTuple):
 
 class Engine:
     def __init__(
-        self, model, tokenizer, head: DraftHead | None = None, static_tree=EAGLE1_DEFAULT_TREE,
+        self, model, tokenizer, head: DraftHead | Eagle3Head | None = None, static_tree=EAGLE1_DEFAULT_TREE,
         prune: bool | None = None, lookup_ngrams: tuple[int, ...] = NGRAMS,
     ):  # fmt: skip
         """`prune`: the EAGLE-2 drafter's early stop (engine/draft.py); None: on a CPU only.
@@ -123,6 +124,11 @@ class Engine:
         self.eos_ids = self._eos_ids()
         self.stopwatch = Stopwatch(self.device)
         self.backend = backend_name(model)  # int8, bf16, fp32, bnb-4bit, ... (engine/backend.py)
+
+    @property
+    def capture(self) -> tuple[int, ...] | None:
+        """What the head reads from the target: final-norm hidden states (None), or EAGLE-3's residual streams."""
+        return None if self.head is None else self.head.target_layers
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -164,7 +170,7 @@ class Engine:
     def describe(self) -> str:
         name = getattr(self.model.config, "_name_or_path", "") or self.model.config.model_type
         name = Path(name).name if Path(name).exists() else name  # a local folder: no machine paths in the UI
-        head = "no draft head (vanilla only)" if self.head is None else "EAGLE head loaded"
+        head = "no draft head (vanilla only)" if self.head is None else f"{HEAD_NAMES[self.head.kind]} head loaded"
         return f"{name} · {self.backend} · {self.device} · {head}"
 
     # ---- decoding -----------------------------------------------------------------------------
@@ -232,8 +238,7 @@ class Engine:
         cache = new_cache(self.model)
         ids = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)  # (T,)
         positions = torch.arange(len(prompt_ids), device=self.device)
-        features, _ = target_forward(self.model, ids, positions, None, cache, logits=False)
-        logits = self.model.lm_head(features[-1:]).float()  # (1, V)
+        features, logits = target_forward(self.model, ids, positions, None, cache, "last", self.capture)  # (1, V)
         first = draw_tokens(logits, config.sampling, generator)  # (1,)
         pairs = None
         if drafter is not None:  # pairs (f_i, x_{i+1}): the prompt shifted by one, then the new token
@@ -255,7 +260,7 @@ class Engine:
         positions = state.past_len + tree.depths  # (n,)
         # a lone root attends to everything before it: plain causal decoding needs no mask
         mask = tree_attention_mask(tree, state.past_len, self.dtype) if tree.size > 1 else None
-        features, logits = target_forward(self.model, tree.tokens, positions, mask, state.cache)
+        features, logits = target_forward(self.model, tree.tokens, positions, mask, state.cache, capture=self.capture)
         drawn = draw_tokens(logits, config.sampling, generator)  # (n,)
         best = accept(tree, drawn)  # ()
         packed = torch.cat(  # one host sync for everything the event and the commit need

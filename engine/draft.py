@@ -1,7 +1,8 @@
 """Drafting: run the EAGLE head over committed context and grow a draft tree from the root.
 
-The head sees pairs (feature_i, token_{i+1}) at position i and predicts feature_{i+1}; the target's
-lm_head turns a predicted feature into next-token log-probs. `extend` adds committed pairs to the
+The head sees pairs (feature_i, token_{i+1}) at position i and predicts feature_{i+1}; an lm_head (the
+target's, or an EAGLE-3 head's own) turns a predicted feature into next-token log-probs. Deeper draft
+steps feed the head its own output as the feature. `extend` adds committed pairs to the
 head's cache and returns the hidden state that predicts the children of the next root. Growing a tree
 writes scratch entries after the committed length; `extend` drops them before adding new pairs, so the
 cache holds only committed context between cycles.
@@ -14,28 +15,32 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import TreeConfig
-from engine.head import DraftHead
+from engine.head import DraftHead, Eagle3Head
 from engine.int8 import Int8Linear
 from engine.tree import StaticPlan, Tree, make_tree, select_dynamic
 
 
 class Drafter:
     def __init__(
-        self, head: DraftHead, embed: torch.nn.Module, lm_head: torch.nn.Module, capacity: int,
+        self, head: DraftHead | Eagle3Head, embed: torch.nn.Module, lm_head: torch.nn.Module, capacity: int,
         prune: bool | None = None,
     ):  # fmt: skip
         self.head = head
         self.embed = head.embed_tokens if head.embed_tokens is not None else embed
-        # A head may carry a reduced draft vocabulary (`head.draft_vocab`, target ids): drafting then
-        # scores only those rows of the lm_head. Verification always uses the full vocabulary.
-        self.vocab_ids = None if head.draft_vocab is None else head.draft_vocab.to(lm_head.weight.device)
-        # With an int8 target the draft scores come from its int8 lm_head too (drafting need not be exact).
+        # The draft's scores: an EAGLE-3 head's own lm_head (its rows are the draft vocabulary), else the
+        # target's, restricted to the head's reduced draft vocabulary when it has one (`head.draft_vocab`,
+        # target ids). Verification always uses the target's full vocabulary.
+        self.vocab_ids = None if head.draft_vocab is None else head.draft_vocab.to(head.fc.weight.device)
+        own = head.lm_head is not None
+        scorer = head.lm_head if own else lm_head
+        # With an int8 target the draft scores come from an int8 lm_head too (drafting need not be exact).
         self.lm_int8 = None
-        if isinstance(lm_head, Int8Linear):
-            self.lm_int8 = lm_head if self.vocab_ids is None else lm_head.rows(self.vocab_ids)
+        if isinstance(scorer, Int8Linear):
+            self.lm_int8 = scorer if own or self.vocab_ids is None else scorer.rows(self.vocab_ids)
             self.lm_weight = None
         else:
-            self.lm_weight = lm_head.weight if self.vocab_ids is None else lm_head.weight[self.vocab_ids]  # (Vd, H)
+            rows = own or self.vocab_ids is None
+            self.lm_weight = scorer.weight if rows else scorer.weight[self.vocab_ids]  # (Vd, H)
         self.cache = head.new_cache(capacity)
         self.device = head.fc.weight.device
         # Stop growing a tree once deeper nodes cannot make the cut (`_settled`): the tree is the same, the
@@ -48,6 +53,7 @@ class Drafter:
         self.cache.truncate(0)
 
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:  # (t, H) -> (t, Vd) float32
+        hidden = self.head.final(hidden)
         if self.lm_int8 is not None:
             return F.log_softmax(self.lm_int8(hidden.float()), dim=-1)
         return F.log_softmax(F.linear(hidden.to(self.lm_weight.dtype), self.lm_weight).float(), dim=-1)

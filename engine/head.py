@@ -1,26 +1,31 @@
-"""The EAGLE draft head: module, KV buffer, and checkpoints in the official EAGLE layout.
+"""The EAGLE draft heads: EAGLE-1/2 and EAGLE-3 modules and their KV buffer.
 
-Architecture (EAGLE-1, as used by EAGLE-2): `fc` maps concat(token_embedding, target_feature) (2H) to H,
-then one Llama decoder layer *without* its input layernorm, then the target's lm_head. Token embeddings
-are the target's unless the checkpoint carries its own `embed_tokens.weight`.
+EAGLE-1 (as used by EAGLE-2), `DraftHead`: `fc` maps concat(token_embedding, target_feature) (2H) to H,
+then one Llama decoder layer *without* its input layernorm; the target's lm_head scores its output. The
+target feature is the target's final-norm hidden state. Qwen-style heads set `qkv_bias` (q/k/v biases,
+none on o_proj).
 
-Checkpoint layout (a folder): `config.json` with Llama-style keys (`hidden_size`, `vocab_size`,
-`num_hidden_layers: 1`, `bias`, ...) and `model.safetensors` (or `pytorch_model.bin`, loaded with
-`weights_only=True`) holding `fc.weight` [`fc.bias`], `layers.0.self_attn.{q,k,v,o}_proj.weight`,
-`layers.0.mlp.{gate,up,down}_proj.weight`, `layers.0.post_attention_layernorm.weight` and optionally
-`embed_tokens.weight`.
+EAGLE-3, `Eagle3Head` (arXiv 2503.01840): the target feature is the concatenation of three residual
+streams of the target (the inputs of layers 2, L//2 and L-3 by default, `target_layers`), which `fc`
+maps from 3H to H. One decoder layer (`midlayer`) normalises the token embedding (`input_layernorm`) and
+the feature (`hidden_norm`) separately and attends over their concatenation (2H); the residual stream is
+the feature. The head has its own `norm` and `lm_head` over a reduced draft vocabulary (`draft_vocab`:
+target id of each draft row). At deeper draft steps it is fed its own pre-norm output (H wide, so `fc`
+is skipped).
 
-Invariants: the head never owns the lm_head; `DraftCache` is written in place and its committed
-length only ever covers committed context (tree slots beyond it are scratch for one cycle).
+Both expose the same interface to the drafter (engine/draft.py): `forward(embeds, features, positions,
+mask, cache)`, `final(hidden)` (what the lm_head reads), `lm_head` (None: the target's), `embed_tokens`
+(None: the target's), `draft_vocab`, `target_layers` (None: final-norm features) and `new_cache`.
+Checkpoints in the official layouts are read and written by engine/checkpoint.py.
+
+Invariants: `DraftCache` is written in place and its committed length only ever covers committed context
+(tree slots beyond it are scratch for one cycle).
 """
 
 import hashlib
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import (
@@ -30,11 +35,9 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from engine.int8 import is_int8, quantize_int8
-
 
 class HeadMismatchError(ValueError):
-    """The draft head does not fit the target model (sizes, vocabulary or architecture)."""
+    """The draft head does not fit the target model (sizes, vocabulary, layout or architecture)."""
 
 
 class DraftCache:
@@ -69,16 +72,15 @@ class DraftCache:
 
 
 class DraftAttention(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, in_features: int, qkv_bias: bool, o_bias: bool):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        bias = bool(getattr(config, "attention_bias", False))
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = nn.Linear(in_features, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(in_features, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(in_features, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
 
     def forward(self, x, cos, sin, mask, cache: DraftCache | None):
         b, t, _ = x.shape
@@ -95,11 +97,11 @@ class DraftAttention(nn.Module):
 
 
 class DraftLayer(nn.Module):
-    """A Llama decoder layer without input layernorm (EAGLE feeds it the fc output directly)."""
+    """EAGLE-1/2: a Llama decoder layer without input layernorm (it reads the fc output directly)."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, qkv_bias: bool, o_bias: bool):
         super().__init__()
-        self.self_attn = DraftAttention(config)
+        self.self_attn = DraftAttention(config, config.hidden_size, qkv_bias, o_bias)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
@@ -108,30 +110,83 @@ class DraftLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DraftHead(nn.Module):
+class Eagle3Layer(nn.Module):
+    """EAGLE-3's `midlayer`: attention over [norm(embedding), norm(feature)], residual on the feature."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = DraftAttention(config, 2 * hidden, qkv_bias=False, o_bias=False)
+        self.mlp = LlamaMLP(config)
+        self.hidden_norm = LlamaRMSNorm(hidden, eps=eps)
+        self.input_layernorm = LlamaRMSNorm(hidden, eps=eps)
+        self.post_attention_layernorm = LlamaRMSNorm(hidden, eps=eps)
+
+    def forward(self, embeds, x, cos, sin, mask, cache):
+        fused = torch.cat([self.input_layernorm(embeds), self.hidden_norm(x)], dim=-1)  # (b, t, 2H)
+        x = x + self.self_attn(fused, cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _llama_config(config: dict) -> LlamaConfig:
+    if int(config.get("num_hidden_layers", 1)) != 1:
+        raise HeadMismatchError(
+            f"only 1-layer EAGLE heads are supported, config has num_hidden_layers={config.get('num_hidden_layers')}"
+        )
+    keys = ("bias", "qkv_bias", "draft_vocab_size", "target_hidden_size", "eagle_config")
+    return LlamaConfig(**{k: v for k, v in config.items() if k not in keys})
+
+
+def _causal(mask, cache, t: int, device):
+    if mask is None and cache is None:
+        return torch.ones(t, t, dtype=torch.bool, device=device).tril()[None, None]
+    return mask
+
+
+class _Head(nn.Module):
+    """What both head kinds share: config, rotary embedding, own embeddings, draft vocabulary, cache."""
+
+    kind = ""
+    attention: DraftAttention  # the layer's attention (its cache shape)
+
     def __init__(self, config: dict):
         super().__init__()
         self.config_dict = dict(config)
-        if int(config.get("num_hidden_layers", 1)) != 1:
-            raise HeadMismatchError(
-                f"only 1-layer EAGLE heads are supported, config has num_hidden_layers="
-                f"{config.get('num_hidden_layers')}"
-            )
-        self.llama_config = LlamaConfig(**{k: v for k, v in config.items() if k != "bias"})
-        hidden = self.llama_config.hidden_size
-        self.hidden_size = hidden
+        self.llama_config = _llama_config(config)
+        self.hidden_size = self.llama_config.hidden_size
         self.vocab_size = self.llama_config.vocab_size
-        self.fc = nn.Linear(2 * hidden, hidden, bias=bool(config.get("bias", True)))
-        self.layers = nn.ModuleList([DraftLayer(self.llama_config)])
         self.rotary = LlamaRotaryEmbedding(self.llama_config)
+        self.lm_head: nn.Linear | None = None  # None: the target's lm_head scores the head's output
         self.embed_tokens: nn.Embedding | None = None  # set when the checkpoint carries its own
         self.draft_vocab: torch.Tensor | None = None  # target ids the draft may propose (None: all)
-        attn = self.layers[0].self_attn
-        self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        self.target_layers: tuple[int, ...] | None = None  # target residual streams it reads (None: final norm)
 
     def new_cache(self, capacity: int) -> DraftCache:
+        attn = self.attention
         p = self.fc.weight
-        return DraftCache(capacity, self.num_kv_heads, self.head_dim, p.dtype, p.device)
+        return DraftCache(capacity, attn.num_kv_heads, attn.head_dim, p.dtype, p.device)
+
+    def final(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the lm_head reads from the head's output."""
+        return hidden
+
+
+class DraftHead(_Head):
+    """EAGLE-1/2 (see the module docstring)."""
+
+    kind = "eagle1"
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        hidden = self.hidden_size
+        attention_bias = bool(getattr(self.llama_config, "attention_bias", False))
+        qkv_bias = bool(config.get("qkv_bias", attention_bias))
+        self.fc = nn.Linear(2 * hidden, hidden, bias=bool(config.get("bias", True)))
+        self.layers = nn.ModuleList([DraftLayer(self.llama_config, qkv_bias, attention_bias)])
+
+    @property
+    def attention(self) -> DraftAttention:
+        return self.layers[0].self_attn
 
     def forward(
         self,
@@ -143,12 +198,49 @@ class DraftHead(nn.Module):
     ) -> torch.Tensor:  # (b, t, H) predicted next features
         x = self.fc(torch.cat([embeds, features.to(embeds.dtype)], dim=-1))
         cos, sin = self.rotary(x, positions)
-        if mask is None and cache is None:
-            t = x.shape[1]
-            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None, None]
+        mask = _causal(mask, cache, x.shape[1], x.device)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
         return x
+
+
+class Eagle3Head(_Head):
+    """EAGLE-3 (see the module docstring). Its parameters carry the official names: `fc`, `midlayer.*`,
+    `norm`, `lm_head`."""
+
+    kind = "eagle3"
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        hidden = self.hidden_size
+        self.feature_size = 3 * int(config.get("target_hidden_size") or hidden)
+        self.fc = nn.Linear(self.feature_size, hidden, bias=bool(config.get("bias", False)))
+        self.midlayer = Eagle3Layer(self.llama_config)
+        self.norm = LlamaRMSNorm(hidden, eps=self.llama_config.rms_norm_eps)
+        draft_vocab = int(config.get("draft_vocab_size") or self.vocab_size)
+        self.lm_head = nn.Linear(hidden, draft_vocab, bias=False)
+
+    @property
+    def attention(self) -> DraftAttention:
+        return self.midlayer.self_attn
+
+    def final(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,  # (b, t, H) token embeddings
+        features: torch.Tensor,  # (b, t, 3H') fused target features, or (b, t, H) the head's own output
+        positions: torch.Tensor,  # (b, t)
+        mask: torch.Tensor | None,  # bool (b or 1, 1, t, kv_len), True = attend; None = causal
+        cache: DraftCache | None = None,
+    ) -> torch.Tensor:  # (b, t, H) pre-norm output: fed back at the next depth, `final` for the lm_head
+        x = features.to(embeds.dtype)
+        if x.shape[-1] != self.hidden_size:
+            x = self.fc(x)
+        cos, sin = self.rotary(x, positions)
+        mask = _causal(mask, cache, x.shape[1], x.device)
+        return self.midlayer(embeds, x, cos, sin, mask, cache)
 
 
 def weights_digest(head: DraftHead) -> str:
@@ -187,78 +279,3 @@ def head_config_for(model, bias: bool = True) -> dict:
     }
 
 
-def check_fits(config: dict, model, where: str) -> None:
-    """Raise HeadMismatchError naming both sides when the head cannot drive this target."""
-    c = model.config
-    arch = config.get("architectures") or [config.get("model_type", "?")]
-    if not any("llama" in str(a).lower() for a in arch):
-        raise HeadMismatchError(
-            f"head architecture {arch} is not an EAGLE Llama-style head (head: {where}); "
-            f"expected architectures ['LlamaForCausalLM']"
-        )
-    target_name = getattr(c, "_name_or_path", "") or c.model_type
-    sizes = (
-        ("hidden size", config.get("hidden_size"), c.hidden_size),
-        ("vocab size", config.get("vocab_size"), model.get_output_embeddings().weight.shape[0]),
-    )
-    for name, head_value, target_value in sizes:
-        if head_value != target_value:
-            raise HeadMismatchError(
-                f"head {name} {head_value} does not match target {name} {target_value} "
-                f"(head: {where}, target: {target_name})"
-            )
-
-
-def load_head(path: str | Path, model, dtype: torch.dtype | None = None) -> DraftHead:
-    """Load a head folder in the official EAGLE layout and check it against `model`."""
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"no draft head at {path}: expected {cfg_file} and model.safetensors")
-    config = json.loads(cfg_file.read_text())
-    check_fits(config, model, str(path))
-    if (path / "model.safetensors").is_file():
-        state = load_file(str(path / "model.safetensors"))
-    elif (path / "pytorch_model.bin").is_file():
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"draft head {path} has config.json but no model.safetensors or pytorch_model.bin")
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    head = DraftHead(config)
-    own_embed = state.pop("embed_tokens.weight", None)
-    d2t = state.pop("d2t", None)  # EAGLE-3 convention: target id = draft id + d2t[draft id]
-    missing, unexpected = head.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("rotary.")]
-    if missing or unexpected:
-        raise HeadMismatchError(
-            f"draft head {path} does not have the EAGLE layout: missing {missing}, unexpected {unexpected}"
-        )
-    if own_embed is not None:
-        if tuple(own_embed.shape) != (head.vocab_size, head.hidden_size):
-            raise HeadMismatchError(
-                f"head embed_tokens shape {tuple(own_embed.shape)} does not fit its config (head: {path})"
-            )
-        head.embed_tokens = nn.Embedding.from_pretrained(own_embed, freeze=True)
-    if d2t is not None:
-        head.draft_vocab = torch.arange(d2t.shape[0]) + d2t.long()
-        if int(head.draft_vocab.max()) >= head.vocab_size or int(head.draft_vocab.min()) < 0:
-            raise HeadMismatchError(f"head d2t maps outside the target vocabulary of {head.vocab_size} (head: {path})")
-    target_param = model.get_output_embeddings().weight
-    dtype = dtype or (target_param.dtype if target_param.is_floating_point() else torch.float32)
-    head = head.to(device=target_param.device, dtype=dtype).eval()
-    if is_int8(model):  # an int8 target's head drafts with int8 products too (engine/int8.py)
-        quantize_int8(head)
-    return head
-
-
-def save_head(head: DraftHead, path: str | Path, include_embeddings: bool = False) -> None:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items() if not k.startswith("rotary.")}
-    if not include_embeddings:
-        state.pop("embed_tokens.weight", None)
-    if head.draft_vocab is not None:
-        vocab = head.draft_vocab.cpu().long()
-        state["d2t"] = vocab - torch.arange(vocab.shape[0])
-    save_file(state, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(head.config_dict, indent=2) + "\n")

@@ -152,7 +152,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class LeanForward:
-    """`forward(tokens, positions, mask, cache)` -> final-norm hidden states (n, H); see module doc."""
+    """`forward(tokens, positions, mask, cache, capture)` -> (final-norm hidden states (n, H), the residual
+    streams entering the layers in `capture`); see module doc."""
 
     def __init__(self, model, exact: bool | None = None):
         """`exact`: attention in float64 so that a token's result does not depend on its batch (default:
@@ -175,7 +176,9 @@ class LeanForward:
         return LeanCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device, capacity)
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask, cache: LeanCache) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask, cache: LeanCache, capture: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         n, past = tokens.shape[0], cache.length
         cache.reserve(past + n)
         end = past + n
@@ -188,7 +191,10 @@ class LeanForward:
         if self.exact and mask is not None and mask.is_floating_point():
             mask = mask.double()  # once per forward, not once per layer
         hd, qn, kvn = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        streams = {}
         for i, layer in enumerate(self.layers):
+            if i in capture:
+                streams[i] = x
             h = _rms(layer.norm_in, x)
             qkv = layer.qkv(h)  # (n, qn + 2 kvn)
             v = qkv[:, qn + kvn :].view(n, self.kv_heads, hd)
@@ -213,7 +219,8 @@ class LeanForward:
             gate, up = layer.gate_up(_rms(layer.norm_post, x)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         cache.length = end
-        return _rms(self.norm, x)
+        streams[len(self.layers)] = x  # the last layer's output (an aux id of L - 1)
+        return _rms(self.norm, x), [streams[i] for i in capture]
 
 
 def attach_lean(model) -> bool:

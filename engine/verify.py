@@ -1,8 +1,8 @@
 """Verification: one stock-transformers forward over the whole tree, then acceptance.
 
 Tree attention is a 4D additive mask (1, 1, n, past + n) plus explicit `position_ids`; the model's own
-modeling code runs unchanged. `target_forward` returns the final-norm hidden states (the features the
-draft head reads) and logits for the tree nodes only.
+modeling code runs unchanged. `target_forward` returns the features the draft head reads (final-norm
+hidden states, or for EAGLE-3 three residual streams) and logits for the tree nodes only.
 
 Acceptance, greedy and sampled, is one rule: draw the target's next token at every node (argmax, or a
 sample from the processed target distribution), then accept the longest root path whose every node is
@@ -40,24 +40,52 @@ def base_model(model):
 
 
 @torch.no_grad()
-def target_forward(model, tokens, positions, mask, cache, logits: bool = True):
+def target_forward(model, tokens, positions, mask, cache, logits: bool | str = True, capture=None):
     """Run n tokens (n,) at positions (n,) through the target.
 
-    Returns features (n, H) and, when `logits`, fp32 logits (n, V); mask None means plain causal. A model
-    with a lean forward (engine/lean.py) runs it when `cache` is its `LeanCache`."""
+    Returns (features, logits). Features are what the draft head reads: the final-norm hidden states
+    (n, H), or with `capture` (layer-input indices, engine/head.py) those residual streams concatenated
+    (n, len(capture) * H). `logits`: True for fp32 logits of every token (n, V), "last" for the last
+    token's only (1, V), False for none. mask None means plain causal. A model with a lean forward
+    (engine/lean.py) runs it when `cache` is its `LeanCache`."""
     lean = getattr(model, "lean", None)
     if lean is not None and isinstance(cache, LeanCache):
-        features = lean.forward(tokens, positions, mask, cache)
-        return features, (model.lm_head(features).float() if logits else None)
-    out = base_model(model)(
-        input_ids=tokens[None],
-        position_ids=positions[None],
-        attention_mask=mask,
-        cache=cache,
-        use_cache=True,
-    )
-    features = out.last_hidden_state[0]  # (n, H), after the final norm
-    return features, (model.lm_head(features).float() if logits else None)  # (n, V)
+        hidden, streams = lean.forward(tokens, positions, mask, cache, capture or ())
+    else:
+        hidden, streams = _transformers_forward(model, tokens, positions, mask, cache, capture or ())
+    features = torch.cat(streams, dim=-1) if capture else hidden
+    if logits == "last":
+        hidden = hidden[-1:]
+    return features, (model.lm_head(hidden).float() if logits else None)
+
+
+def _transformers_forward(model, tokens, positions, mask, cache, capture) -> tuple[torch.Tensor, list]:
+    """Stock transformers forward: final-norm hidden states (n, H) and the residual streams entering the
+    layers in `capture` (index L: the last layer's output), read by forward hooks."""
+    layers = base_model(model).layers
+    streams: dict[int, torch.Tensor] = {}
+    hooks = []
+    for index in capture:
+        if index < len(layers):
+            def grab(module, args, kwargs, index=index):
+                streams[index] = (args[0] if args else kwargs["hidden_states"])[0]
+            hooks.append(layers[index].register_forward_pre_hook(grab, with_kwargs=True))
+        else:
+            def grab_out(module, args, output, index=index):
+                streams[index] = (output[0] if isinstance(output, tuple) else output)[0]
+            hooks.append(layers[-1].register_forward_hook(grab_out))
+    try:
+        out = base_model(model)(
+            input_ids=tokens[None],
+            position_ids=positions[None],
+            attention_mask=mask,
+            cache=cache,
+            use_cache=True,
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out.last_hidden_state[0], [streams[i] for i in capture]  # (n, H), after the final norm
 
 
 NUCLEUS_PROBE = 512  # on CPU, top-p looks for its nucleus among this many top tokens before sorting them all

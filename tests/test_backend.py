@@ -9,7 +9,7 @@ from engine import acceptance as acceptance_module
 from engine.autotune import backends as tuning_module
 from engine.autotune.backends import backend_key, tune_cpu
 from engine.backend import BackendRate, choose_backend, dominated, spec_for, variant
-from engine.head import save_head
+from engine.checkpoint import save_head
 from engine.int8 import is_int8
 from engine.models import ModelSpec, backend_name
 from tests.tiny import oracle_head, perturbed, tiny_model, tiny_tokenizer

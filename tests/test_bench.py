@@ -13,7 +13,7 @@ from engine.bench.methods import BASELINES, DEFAULT_METHODS, ENGINE_METHODS, Eng
 from engine.bench.questions import BenchSettings, load_questions
 from engine.bench.runner import run_benchmark
 from engine.bench.stats import matched_speedups, summarize
-from engine.head import save_head
+from engine.checkpoint import save_head
 from tests.tiny import tiny_engine
 
 QUESTIONS = [

@@ -6,9 +6,9 @@ holds), and the head must actually speed decoding up: τ over these prompts is a
 
 import pytest
 
+from engine.checkpoint import load_head
 from engine.config import GenerationConfig, TreeConfig
 from engine.decode import Engine
-from engine.head import load_head
 from engine.models import ModelSpec, default_head_path, load_target
 
 pytestmark = pytest.mark.slow

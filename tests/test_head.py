@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.checkpoint import load_head, save_head
 from engine.config import GenerationConfig, TreeConfig
 from engine.decode import Engine
-from engine.head import DraftHead, HeadMismatchError, head_config_for, load_head, save_head
+from engine.head import DraftHead, HeadMismatchError, head_config_for
 from tests.tiny import oracle_head, random_head, tiny_model, tiny_tokenizer
 
 EAGLE_KEYS = {

@@ -216,7 +216,7 @@ REAL_PROMPTS = [
 def test_real_model_int8_eagle2_equals_int8_vanilla(default_model_dir):
     """The promise on the app's CPU backend: EAGLE-2 (with the lookup branch, tuned-size and paper trees)
     writes the int8 model's own greedy reply, token for token, and accepts drafts doing it."""
-    from engine.head import load_head
+    from engine.checkpoint import load_head
     from engine.models import ModelSpec, default_head_path, load_target
 
     spec = ModelSpec(model=str(default_model_dir), device="cpu", quantization="int8")

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
+from engine.checkpoint import load_head
 from engine.config import GenerationConfig, TreeConfig
 from engine.decode import Engine
-from engine.head import DraftHead, head_config_for, load_head
+from engine.head import DraftHead, head_config_for
 from engine.train import clock as train_clock
 from engine.train.data import DataConfig, generate_data, read_prompts
 from engine.train.export import export

@@ -33,9 +33,9 @@ from engine.autotune.calibration import CALIBRATION_PROMPTS, calibrate_acceptanc
 from engine.autotune.choice import SAMPLED_GRID, rank_trees, tree_grid
 from engine.autotune.costs import measure_costs
 from engine.backend import PROBE_NODES, BackendChoice, BackendRate, choose_backend, cpu_candidates, dominated, variant
+from engine.checkpoint import load_head
 from engine.decode import Engine
 from engine.hardware import hardware_info
-from engine.head import load_head
 from engine.models import cache_dir
 
 FORMAT = 2  # bump when the cached choice changes meaning

@@ -91,11 +91,11 @@ def sampled_reach(engine: Engine, cache, root_position: int, pool: Tree, samplin
 
 
 def target_features(engine: Engine, ids: list[int], cache=None) -> torch.Tensor:
-    """Target features (len(ids), H) of a plain causal forward (into `cache` when given)."""
+    """The features the head reads (len(ids), F) of a plain causal forward (into `cache` when given)."""
     tokens = torch.tensor(ids, dtype=torch.long, device=engine.device)
     positions = torch.arange(len(ids), device=engine.device)
     cache = new_cache(engine.model) if cache is None else cache
-    features, _ = target_forward(engine.model, tokens, positions, None, cache, logits=False)
+    features, _ = target_forward(engine.model, tokens, positions, None, cache, logits=False, capture=engine.capture)
     return features
 
 

@@ -85,7 +85,8 @@ def measure_costs(
     generator = None if sampling.greedy else torch.Generator(device=device).manual_seed(0)
     context = torch.tensor(context_ids, dtype=torch.long, device=device)  # (P,)
     cache = new_cache(model)
-    features, _ = target_forward(model, context, torch.arange(past, device=device), None, cache, logits=False)
+    positions = torch.arange(past, device=device)
+    features, _ = target_forward(model, context, positions, None, cache, logits=False, capture=engine.capture)
 
     def verify(n: int):
         parents = torch.tensor([-1] + [0] * (n - 1), dtype=torch.long, device=device)  # a star: shape is free
@@ -95,7 +96,7 @@ def measure_costs(
 
         def once():  # the engine's verify stage
             mask = tree_attention_mask(tree, past, engine.dtype)
-            _, logits = target_forward(model, tree.tokens, past + tree.depths, mask, cache)  # (n, V)
+            _, logits = target_forward(model, tree.tokens, past + tree.depths, mask, cache, capture=engine.capture)
             int(accept(tree, draw_tokens(logits, sampling, generator)))  # the cycle's host sync
             cache.crop(-n)
 

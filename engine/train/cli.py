@@ -30,7 +30,7 @@ FLAG_HELP = {
 
 
 def main(argv=None) -> None:
-    from engine.head import load_head
+    from engine.checkpoint import load_head
     from engine.models import load_target
 
     p = argparse.ArgumentParser(

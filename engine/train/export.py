@@ -4,7 +4,8 @@ from pathlib import Path
 
 import torch
 
-from engine.head import DraftHead, save_head
+from engine.checkpoint import save_head
+from engine.head import DraftHead
 
 
 def export(head: DraftHead, path: Path, card: dict) -> None:
