@@ -117,9 +117,12 @@ def _load_weights(head: Head, state: dict, where: str) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
+        hint = ""
+        if unexpected and all(k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) for k in unexpected):
+            hint = '; q/k/v biases need "qkv_bias": true in config.json (Qwen-style heads)'
         raise HeadMismatchError(
             f"draft head {where} does not have the {label} layout its config describes: "
-            f"missing {missing}, unexpected {unexpected}"
+            f"missing {missing}, unexpected {unexpected}{hint}"
         )
     for name, shape in expected.items():
         if tuple(state[name].shape) != shape:

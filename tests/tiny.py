@@ -9,7 +9,17 @@ it, the draft's top-1 token is the target's argmax: every drafted greedy path is
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from engine.decode import Engine
 from engine.head import DraftHead, head_config_for
@@ -54,12 +64,17 @@ def tiny_model(
         bos_token_id=None,
         pad_token_id=None,
     )
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common, attn_implementation="sdpa"))
-    elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common, attn_implementation="sdpa"))
-    else:
+    families = {
+        "llama": (LlamaForCausalLM, LlamaConfig),
+        "qwen2": (Qwen2ForCausalLM, Qwen2Config),
+        "qwen3": (Qwen3ForCausalLM, Qwen3Config),
+        "mistral": (MistralForCausalLM, MistralConfig),
+    }
+    if arch not in families:
         raise ValueError(arch)
+    model_class, config_class = families[arch]
+    extra = {"mistral": {"sliding_window": None}, "qwen3": {"head_dim": 16}}.get(arch, {})
+    model = model_class(config_class(**common, **extra, attn_implementation="sdpa"))
     with torch.no_grad():  # sharper logits than the 0.02-std init, so greedy text is not all ties
         model.lm_head.weight.mul_(20.0)
         model.lm_head.weight[0].mul_(eos_scale)  # make <eos> (id 0) rarer, so replies have length
