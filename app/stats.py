@@ -34,7 +34,8 @@ def stats_line(totals: dict, method: str | None = None) -> str:
 def speedup_line(tokens_per_s_a: float, tokens_per_s_b: float, label_a: str, label_b: str) -> str:
     if tokens_per_s_a <= 0:
         return f"{label_b}: {tokens_per_s_b:.1f} tokens/s ({label_a} produced no tokens)"
+    ratio = tokens_per_s_b / tokens_per_s_a
+    verdict = f"{ratio:.2f}× speed-up" if ratio >= 1 else f"{ratio:.2f}× (slower)"
     return (
-        f"{label_b} ran at {tokens_per_s_b:.1f} tokens/s vs {tokens_per_s_a:.1f} tokens/s for {label_a}: "
-        f"{tokens_per_s_b / tokens_per_s_a:.2f}× speed-up"
+        f"{label_b} ran at {tokens_per_s_b:.1f} tokens/s vs {tokens_per_s_a:.1f} tokens/s for {label_a}: {verdict}"
     )

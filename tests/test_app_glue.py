@@ -271,6 +271,8 @@ def test_stats_line_formats_engine_totals():
 
 def test_speedup_line():
     assert speedup_line(10.0, 25.0, "Vanilla", "EAGLE-2").endswith("2.50× speed-up")
+    slower = speedup_line(25.0, 10.5, "Vanilla", "EAGLE-2")
+    assert slower.endswith("0.42× (slower)") and "speed-up" not in slower
     assert "produced no tokens" in speedup_line(0.0, 5.0, "Vanilla", "EAGLE-2")
 
 
