@@ -189,7 +189,14 @@ def load_head(path: str | Path, model, dtype: torch.dtype | None = None) -> Head
     """Load a head folder in an official EAGLE layout (EAGLE-1/2 or EAGLE-3) and check it against `model`."""
     path = Path(path)
     config, state = read_folder(path)
-    head = _build(config, state, model, str(path))
+    try:
+        head = _build(config, state, model, str(path))
+    except HeadMismatchError:
+        raise
+    except Exception as err:  # a config value of the wrong type: transformers' config validation has its own errors
+        message = " ".join(str(err).split())
+        where = path / "config.json"
+        raise HeadMismatchError(f"head config {where} is not a valid EAGLE head config: {message}") from None
     target_param = model.get_output_embeddings().weight
     dtype = dtype or (target_param.dtype if target_param.is_floating_point() else torch.float32)
     head = head.to(device=target_param.device, dtype=dtype).eval()

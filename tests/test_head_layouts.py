@@ -397,3 +397,20 @@ def test_an_accepting_eagle3_head_is_lossless_with_long_accepted_paths(tmp_path,
         events = list(engine.generate(ids, GenerationConfig(method=method, max_new_tokens=48, tree=tree)))
         assert events[-1]["output_ids"] == want, (arch, method)
         assert events[-1]["totals"]["tau"] > 1.8, (arch, method)  # drafted tokens are accepted, not just the bonus
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["auto", "fp32"])
+def test_launch_refuses_a_head_for_another_model_in_one_line(tmp_path, capsys, backend):
+    """The real default model with an EAGLE-3 head of the tiny sizes: one error line, no traceback,
+    before any timing or serving."""
+    import launch
+
+    head = write(tmp_path / "head", official_config_json(draft_vocab_size=48), eagle3_checkpoint())
+    assert launch.main(["--head", str(head), "--backend", backend, "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    want = "error: could not load the draft head: head hidden size 64 does not match target hidden size 576 "
+    assert errors[0].startswith(f"{want}(head: {head}, target: "), err
+    assert "Traceback" not in err

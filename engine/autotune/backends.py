@@ -123,18 +123,21 @@ def tune_cpu(
     cache: Path | None = None, retune: bool = False, repeats: int = 3,
 ) -> tuple[Engine, CpuTuning]:  # fmt: skip
     """The engine on the chosen backend (the head loaded on it) and the tuning behind the choice."""
+    load_head(head_dir, fp32_model)  # a head that does not fit fails here, before any timing
     candidates = candidates or cpu_candidates()
     key = backend_key(fp32_model, head_dir, candidates)
     path = backend_cache_path(key, cache)
     if not retune and path.is_file():
+        tuning = None
         try:
             data = json.loads(path.read_text())
             if data.get("key") == key:
                 tuning = CpuTuning.from_json(data)
-                model = variant(fp32_model, tuning.choice.backend)
-                return Engine(model, tokenizer, load_head(head_dir, model)), tuning
         except (ValueError, KeyError, TypeError) as error:
             _say(True, f"ignoring unreadable backend cache {path} ({error}); measuring again")
+        if tuning is not None:
+            model = variant(fp32_model, tuning.choice.backend)
+            return Engine(model, tokenizer, load_head(head_dir, model)), tuning
 
     start = time.perf_counter()
     engines: dict[str, Engine] = {}

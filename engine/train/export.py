@@ -7,15 +7,26 @@ import torch
 from engine.checkpoint import save_head
 from engine.head import DraftHead
 
+# The official EAGLE-1/2 code and serving engines load `d2t` without error but ignore it for these heads.
+VOCAB_NOTE = (
+    "The weights also hold `d2t`, a reduced draft vocabulary (target id = draft id + d2t[draft id]). This "
+    "app drafts only from those tokens; the official EAGLE-1/2 code and serving engines ignore `d2t` for "
+    "EAGLE-1/2 heads and draft from the whole vocabulary, which changes which tokens are proposed (never "
+    "what is accepted: verification is the target's).",
+    "",
+)
+
 
 def export(head: DraftHead, path: Path, card: dict) -> None:
     save_head(head.to(torch.bfloat16), path)
     lines = [
         f"# EAGLE draft head for {card['target']}",
         "",
-        "Official EAGLE layout: `config.json` (Llama keys, 1 layer) + `model.safetensors` "
-        "(fc, one decoder layer without input layernorm; embeddings and lm_head are the target's).",
+        "Official EAGLE-1/2 layout: `config.json` (Llama keys, 1 layer, `rope_theta` and `rope_scaling` as the "
+        "official EAGLE code reads them) + `model.safetensors` (fc, one decoder layer without input layernorm; "
+        "embeddings and lm_head are the target's).",
         "",
+        *(VOCAB_NOTE if head.draft_vocab is not None else ()),
         "| | |",
         "|---|---|",
     ]
