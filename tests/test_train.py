@@ -219,3 +219,44 @@ def test_data_time_budget_starts_no_shard_past_it(tmp_path, monkeypatch):
     generate_data(model, tokenizer, [f"p {c}" for c in "abcd"], run, cfg)
     # shards end at 10 s and 20 s; a third would end at 60 s, past the 45 s budget
     assert len(list((run / "data").glob("shard_*.safetensors"))) == 2
+
+
+def test_eagle3_recipe_trains_exports_the_official_layout_and_decodes_losslessly(tmp_path):
+    from safetensors.torch import load_file
+
+    from engine.train.eagle3 import STEP_DECAY
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", layers=8, seed=4)
+    tokenizer = tiny_tokenizer()
+    prompts = [f"tell me about {w} {c}" for c in "abcdef" for w in ("cats", "rain", "maps", "bread")]
+    run = tmp_path / "run"
+    generate_data(model, tokenizer, prompts, run, DataConfig(limit=24, max_new_tokens=24, batch_size=8, shard_size=12))
+    seqs = load_sequences(run)
+    vocab, _ = draft_vocabulary(seqs, 40, 64, {0})
+    cfg = FitConfig(
+        steps=150, batch_tokens=256, lr=3e-3, warmup=10, eval_every=50, save_every=50, holdout=0.2,
+        unroll=3, recipe="eagle3",
+    )  # fmt: skip
+    head = fit(model, seqs, run, cfg, log=lambda m: None, vocab=vocab)
+    assert head.kind == "eagle3" and head.target_layers == (2, 4, 5) and STEP_DECAY == 0.8
+    first, last = head.history[0], head.history[-1]
+    assert last["heldout_ce"] < first["heldout_ce"] and "heldout_acc_3" in last
+
+    out = tmp_path / "head"
+    export(head, out, {"target": "tiny", "command": "python -m engine.train --recipe eagle3 ..."})
+    keys = set(load_file(str(out / "model.safetensors")))
+    assert {"fc.weight", "midlayer.hidden_norm.weight", "norm.weight", "lm_head.weight", "d2t", "t2d"} <= keys
+    assert not any(k.startswith("layers.") for k in keys)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["draft_vocab_size"] == len(vocab)
+    assert (out / "README.md").read_text().startswith("# EAGLE-3 draft head for tiny")
+
+    loaded = load_head(out, model)
+    assert loaded.kind == "eagle3" and loaded.draft_vocab.tolist() == vocab.tolist()
+    engine = Engine(model, tokenizer, loaded)
+    ids = engine.chat_ids([{"role": "user", "content": "tell me about rain c"}])
+    want = list(engine.generate(ids, GenerationConfig(method="vanilla", max_new_tokens=24)))[-1]["output_ids"]
+    got = list(engine.generate(ids, GenerationConfig(method="eagle2", max_new_tokens=24, tree=TreeConfig(10, 3, 3))))
+    assert got[-1]["output_ids"] == want
+    assert got[-1]["totals"]["tau"] > 1.2  # the trained head's drafts get accepted on text like its training data

@@ -26,6 +26,8 @@ FLAG_HELP = {
     "fit_minutes": "stop training after this many minutes, keeping the best checkpoint (0: none); the learning-rate "
     "schedule still spans --steps, so size --steps to the time",
     "limit": "prompts to answer (0: answer none and train on the run's shards)",
+    "recipe": "eagle1 (EAGLE-1/2 head: feature regression + cross-entropy) or eagle3 (EAGLE-3 head: three fused "
+    "target layers, loss 0.8^step over --unroll draft steps; use --unroll 7 as the paper does, fewer on a CPU)",
 }
 
 

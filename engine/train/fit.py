@@ -1,11 +1,13 @@
-"""Stage 2, fit: the EAGLE loss (feature regression plus cross-entropy against the target's next-token
-distribution, optionally unrolled over several draft steps) and the resumable training loop."""
+"""Stage 2, fit: the EAGLE-1/2 loss (feature regression plus cross-entropy against the target's next-token
+distribution, optionally unrolled over several draft steps), the resumable training loop, and the choice
+of recipe (`FitConfig.recipe`: "eagle1", or "eagle3" from engine/train/eagle3.py)."""
 
 import json
 import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -13,8 +15,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.head import DraftHead, head_config_for, weights_digest
-from engine.train import clock
+from engine.train import clock, eagle3
 from engine.train.features import pack
+from engine.train.unroll import unrolled_predictions
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,10 @@ class FitConfig:
     save_every: int = 250
     seed: int = 0
     fit_minutes: float = 0.0  # stop early after this many minutes, keeping the best checkpoint (0: no limit)
+    recipe: str = "eagle1"  # "eagle1": EAGLE-1/2 head and loss; "eagle3": EAGLE-3 (engine/train/eagle3.py)
+
+
+RECIPES = ("eagle1", "eagle3")
 
 
 
@@ -68,48 +75,6 @@ def collate(group: list[dict], device, prompt_loss: bool = True) -> dict[str, to
         first = 0 if prompt_loss else max(s["answer_start"] - 2, 0)
         mask[r, first:n] = True
     return {k: v.to(device) for k, v in dict(tokens=tokens, feats=feats, target=target, mask=mask).items()}
-
-
-class UnrolledKeys:
-    """Stands in for the head's KV cache while training several draft steps at once (as HASS and
-    EAGLE-3's training-time test do).
-
-    Step s (0-based) feeds every position i the head's own step s-1 prediction for position i, so its
-    query must see what drafting would have in its cache: true-feature keys (step 0) up to position
-    i - s, the root of that chain, then step m's key at position i - s + m for m = 1..s. Keys of all
-    steps are kept; `mask(s)` spells that pattern over their concatenation."""
-
-    def __init__(self, length: int, device):
-        self.t, self.device = length, device
-        self.keys, self.values = [], []
-
-    def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys.append(k)
-        self.values.append(v)
-        return torch.cat(self.keys, dim=2), torch.cat(self.values, dim=2)
-
-    def mask(self, step: int) -> torch.Tensor:  # bool (1, 1, t, (step + 1) * t)
-        i = torch.arange(self.t, device=self.device)[:, None]
-        j = torch.arange(self.t, device=self.device)[None, :]
-        blocks = [j <= i - step] + [j == i - step + m for m in range(1, step + 1)]
-        return torch.cat(blocks, dim=1)[None, None]
-
-
-def unrolled_predictions(head: DraftHead, embeds: torch.Tensor, feats: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """The head's predicted next features for `steps` draft steps, each (b, t, H).
-
-    Step 0 reads the true features (teacher forcing). Step s >= 1 at position i reads the step s-1
-    prediction for position i, which drafting would feed it at depth s below a root at i - s; it is
-    only meaningful for i >= s."""
-    b, t, _ = feats.shape
-    positions = torch.arange(t, device=feats.device).expand(b, t)
-    keys = UnrolledKeys(t, feats.device)
-    preds = []
-    for step in range(steps):
-        pred = head(embeds, feats, positions, keys.mask(step), keys)
-        preds.append(pred)
-        feats = torch.cat([torch.zeros_like(pred[:, :1]), pred[:, :-1]], dim=1)
-    return preds
 
 
 def eagle_loss(head: DraftHead, embed, lm_weight, batch, cfg: FitConfig, noise: bool) -> tuple[torch.Tensor, dict]:
@@ -172,16 +137,23 @@ def fit(
     lm_weight = lm_head.weight.detach() if vocab is None else lm_head.weight.detach()[vocab.to(lm_head.weight.device)]
     for p in model.parameters():
         p.requires_grad_(False)
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
     if init is None:
-        head, origin = DraftHead(head_config_for(model)).float(), "fresh"
+        fresh = eagle3.new_head(model, vocab) if cfg.recipe == "eagle3" else DraftHead(head_config_for(model)).float()
+        head, origin = fresh, "fresh"
     else:
         if init.embed_tokens is not None:
             raise ValueError(
                 "--init: this head carries its own embed_tokens; fine-tuning trains with the target's embeddings"
             )
-        head = DraftHead(init.config_dict).float()
+        if init.kind != cfg.recipe:
+            raise ValueError(f"--init: this is an {init.kind} head; train it with --recipe {init.kind}")
+        head = type(init)(init.config_dict).float()
         head.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+        head.target_layers, head.draft_vocab = init.target_layers, init.draft_vocab
         origin = "init " + weights_digest(init)[:12]
+    collate_fn, loss_fn = recipe_parts(cfg, model)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     ckpt = run / "ckpt.pt"
     step, history = 0, []
@@ -205,7 +177,7 @@ def fit(
     start = clock.now()
 
     def record_eval(at: int, extra: dict) -> None:
-        ev = evaluate_loss(head, embed, lm_weight, held, cfg)
+        ev = evaluate_loss(head, embed, lm_weight, held, cfg, collate_fn, loss_fn)
         history.append({"step": at, **extra, **ev, "elapsed_s": clock.now() - start})
         log(json.dumps(history[-1]))
         with open(run / "train_log.jsonl", "a") as f:
@@ -229,10 +201,10 @@ def fit(
                 record_eval(step, {"stopped_early": True})
             save_checkpoint()
             break
-        batch = collate(next(stream), device, cfg.prompt_loss)
+        batch = collate_fn(next(stream), device, cfg.prompt_loss)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss, stats = eagle_loss(head, embed, lm_weight, batch, cfg, noise=True)
+        loss, stats = loss_fn(head, embed, lm_weight, batch, cfg, noise=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
@@ -253,18 +225,26 @@ def fit(
     return head
 
 
+def recipe_parts(cfg: FitConfig, model):
+    """(collate, loss) of the configured recipe."""
+    if cfg.recipe == "eagle3":
+        return eagle3.collate, partial(eagle3.loss, model=model)
+    return collate, eagle_loss
+
+
 @torch.no_grad()
-def evaluate_loss(head, embed, lm_weight, held: list[dict], cfg: FitConfig) -> dict:
+def evaluate_loss(head, embed, lm_weight, held: list[dict], cfg: FitConfig, collate_fn=None, loss_fn=None) -> dict:
     """Held-out stats, token-weighted, in batches of about cfg.batch_tokens; `heldout_score` (the
     mean accuracy over the trained draft steps) picks the best checkpoint."""
     if not held:
         return {}
     head.eval()
+    collate_fn, loss_fn = collate_fn or collate, loss_fn or eagle_loss
     sums, weights = defaultdict(float), defaultdict(int)
     lengths = [len(s["ids"]) for s in held]
     for group in pack(sorted(range(len(held)), key=lengths.__getitem__), lengths, cfg.batch_tokens):
-        batch = collate([held[i] for i in group], lm_weight.device, cfg.prompt_loss)
-        _, stats = eagle_loss(head, embed, lm_weight, batch, cfg, noise=False)
+        batch = collate_fn([held[i] for i in group], lm_weight.device, cfg.prompt_loss)
+        _, stats = loss_fn(head, embed, lm_weight, batch, cfg, noise=False)
         for k, v in stats.items():
             if not k.startswith("rows_"):
                 n = stats["rows_" + (k.rsplit("_", 1)[1] if k.startswith("acc_") else "1")]  # the step's own rows
