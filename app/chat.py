@@ -75,6 +75,7 @@ class ReplyView:
     cycles: list[dict] = field(default_factory=list)
     totals: dict = field(default_factory=dict)
     notice: str = ""  # e.g. older messages were trimmed
+    prompt_tokens: int = 0  # the templated prompt the reply was generated for
     finished: bool = False
     finish_reason: str = ""
     finish_message: str = ""
@@ -91,6 +92,22 @@ def check_message(message, context_length: int) -> str:
             f"(roughly {context_length * 4:,} characters). Shorten it."
         )
     return message
+
+
+def check_history(history, roles: tuple[str, ...] = ("user", "assistant"), name: str = "history") -> list[dict]:
+    """`history` as a list of {"role", "content"} dicts, or ValueError naming the first bad message."""
+    if not isinstance(history, list):
+        got = type(history).__name__
+        raise ValueError(f'{name} must be a list of {{"role": ..., "content": ...}} messages, got {got}')
+    choices = " or ".join(f'"{r}"' for r in roles)
+    for i, m in enumerate(history):
+        if not isinstance(m, dict) or not {"role", "content"} <= m.keys():
+            raise ValueError(f'{name}[{i}] must be a {{"role": ..., "content": ...}} message, got {m!r:.80}')
+        if m["role"] not in roles:
+            raise ValueError(f"{name}[{i}].role must be {choices}, got {m['role']!r:.40}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"{name}[{i}].content must be a string, got {type(m['content']).__name__}")
+    return [{"role": m["role"], "content": m["content"]} for m in history]
 
 
 def build_messages(system_prompt: str, history: list[dict], user: str) -> list[dict]:
@@ -123,16 +140,18 @@ def stream_reply(
     """Trim, template and generate; yields the same ReplyView, updated, about every poll_s seconds.
 
     Raises ValueError (from trimming or the engine) before the first yield when the request cannot run.
+    Stopped before it starts (`cancel` already set), it yields one finished view and reads nothing.
     """
     view = ReplyView(config.method)
-    kept, dropped = engine.trim_messages(messages, config.max_new_tokens)
-    view.notice = trim_notice(dropped, engine.context_length)
-    prompt_ids = engine.chat_ids(kept)
     if cancel.is_set():
         view.finished, view.finish_reason = True, "cancelled"
         view.finish_message = "stopped by the user before it started"
         yield view
         return
+    kept, dropped = engine.trim_messages(messages, config.max_new_tokens)
+    view.notice = trim_notice(dropped, engine.context_length)
+    prompt_ids = engine.chat_ids(kept)
+    view.prompt_tokens = len(prompt_ids)
     for batch in pump(engine.generate(prompt_ids, config, cancel), cancel, poll_s):
         for event in batch:
             if event["type"] == "cycle":

@@ -1,10 +1,10 @@
 """The Gradio callbacks: what each button, textbox and slider of the UI does.
 
-`Handlers(engine, options)` holds the one engine and the app's options; `ui.build_ui` lays out the
-components and wires their events to its methods. Per-browser state comes in and goes out as the
-`ChatSession` of a `gr.State`; a handler keeps nothing between calls. The sidebar's generation settings
-arrive as the components' values in `ChatSettings` order and become one `ChatSettings` at the start of
-the handler that runs the engine.
+`Handlers(engine, options, lock)` holds the one engine, the app's options and the engine's lock
+(app/serial.py, held while the engine runs); `ui.build_ui` lays out the components and wires their events
+to its methods. Per-browser state comes in and goes out as the `ChatSession` of a `gr.State`; a handler
+keeps nothing between calls. The sidebar's generation settings arrive as the components' values in
+`ChatSettings` order and become one `ChatSettings` at the start of the handler that runs the engine.
 
 Sending is three chained steps: claim the session (raises gr.Error on bad input; its only output is the
 State, so no visible component is marked as failed), show the pending message, then stream. A request
@@ -13,6 +13,7 @@ history as it was; the typed message is put back in the textbox.
 """
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -23,12 +24,14 @@ from app.chat import (
     Turn,
     build_messages,
     chatbot_messages,
+    check_history,
     check_message,
     finish_note,
     session_history,
     stream_reply,
 )
 from app.compare import MEASURED_NOTE, WARMUP_TOKENS, measure, pane, replay_times, summary
+from app.serial import EngineLock
 from app.settings import AppOptions, ChatSettings, available_methods, tree_for_temperature
 from app.stats import method_label, stats_line
 from app.tree_svg import empty_panel, render_cycle
@@ -55,9 +58,10 @@ def cycle_slider(count: int, at: int | None = None, interactive: bool = True) ->
 class Handlers:
     """One method per UI event (the `chat` endpoint comes from `chat_api`), over one shared engine."""
 
-    def __init__(self, engine, options: AppOptions):
+    def __init__(self, engine, options: AppOptions, lock: EngineLock):
         self.engine = engine
         self.options = options
+        self.lock = lock  # held while the engine runs, shared with the OpenAI routes (app/serial.py)
         self.methods = available_methods(engine)
 
     # ---- chat ---------------------------------------------------------------------------------
@@ -66,16 +70,16 @@ class Handlers:
         try:
             session.begin(check_message(message, self.engine.context_length))
         except ValueError as err:
-            raise gr.Error(str(err), duration=8) from None
+            raise refused(err, 8) from None
         return session
 
     def accept_regenerate(self, session: ChatSession) -> ChatSession:
         if not session.turns:
-            raise gr.Error("nothing to regenerate yet: send a message first", duration=6)
+            raise refused(ValueError("nothing to regenerate yet: send a message first"), 6)
         try:
             session.begin(session.turns[-1].user)
         except ValueError as err:
-            raise gr.Error(str(err), duration=6) from None
+            raise refused(err, 6) from None
         session.turns.pop()
         return session
 
@@ -93,17 +97,18 @@ class Handlers:
             config = ChatSettings(*settings).config(method)
             messages = build_messages(system_prompt, session_history(session.turns), message)
             view = None
-            for view in stream_reply(self.engine, messages, config, session.cancel, self.options.poll_s):
-                tree = render_cycle(view.cycles[-1], self.engine.token_texts) if view.cycles else keep
-                yield (
-                    keep,
-                    chatbot_messages(session.turns, tint, message, view),
-                    session,
-                    tree,
-                    status_line(view),
-                    view.notice,
-                    cycle_slider(len(view.cycles), interactive=False),
-                )
+            with self.lock.hold(session.cancel):  # not held only after Stop: then stream_reply reads nothing
+                for view in stream_reply(self.engine, messages, config, session.cancel, self.options.poll_s):
+                    tree = render_cycle(view.cycles[-1], self.engine.token_texts) if view.cycles else keep
+                    yield (
+                        keep,
+                        chatbot_messages(session.turns, tint, message, view),
+                        session,
+                        tree,
+                        status_line(view),
+                        view.notice,
+                        cycle_slider(len(view.cycles), interactive=False),
+                    )
             if session.pending is None:  # Clear was pressed meanwhile: keep the conversation cleared
                 return
             session.turns.append(Turn(message, view.text, view.pieces, finish_note(view)))
@@ -113,6 +118,7 @@ class Handlers:
             final = chatbot_messages(session.turns, tint)
             yield keep, final, session, keep, status_line(view), view.notice, cycle_slider(len(view.cycles))
         except ValueError as err:  # the request cannot run: settings, prompt length, missing head
+            log.warning("chat request refused: %s", err)
             gr.Warning(str(err), duration=10)
             yield message, chatbot_messages(session.turns, tint), session, keep, f"Not sent: {err}", "", keep
         except Exception as err:  # a model failure must not take the app down; history stays intact
@@ -162,7 +168,7 @@ class Handlers:
             prompt = check_message(prompt, self.engine.context_length)
             session.begin(prompt)
         except ValueError as err:
-            raise gr.Error(str(err), duration=8) from None
+            raise refused(err, 8) from None
         return session
 
     def compare_measure(self, session: ChatSession, system_prompt: str, method_a: str, method_b: str, *settings):
@@ -176,21 +182,26 @@ class Handlers:
             # One seed for both sides, so a sampled comparison differs only by method.
             seeded = ChatSettings(*settings).with_fixed_seed()
             configs = (seeded.config(method_a), seeded.config(method_b))
-            prompt_ids = self.engine.chat_ids(build_messages(system_prompt, [], prompt))
             note = MEASURED_NOTE.format(warmup=WARMUP_TOKENS, a=la, b=lb)
-            runs = measure(self.engine, prompt_ids, configs, session.cancel, self.options.poll_s)
-            for run_a, run_b, phase in runs:
-                if phase == "warm-up":
-                    yield pane(None, la, "warming up…"), pane(None, lb, "waiting"), note, None
-                elif phase == "running":
-                    status_a = "measured" if run_a.end else "running alone…"
-                    status_b = "waiting for the left run to finish" if run_b is None else "running alone…"
-                    yield pane(run_a, la, status_a), pane(run_b, lb, status_b), note, None
-                else:
-                    measured = (run_a, run_b, configs[0].sampling.greedy)
-                    replaying = note + "\n\nReplaying both at their measured speeds…"
-                    yield pane(run_a, la, "measured"), pane(run_b, lb, "measured"), replaying, measured
+            with self.lock.hold(session.cancel) as held:
+                if not held:  # stopped while an OpenAI request had the engine
+                    yield pane(None, la, "stopped"), pane(None, lb, "stopped"), "Stopped before it started.", None
+                    return
+                prompt_ids = self.engine.chat_ids(build_messages(system_prompt, [], prompt))
+                runs = measure(self.engine, prompt_ids, configs, session.cancel, self.options.poll_s)
+                for run_a, run_b, phase in runs:
+                    if phase == "warm-up":
+                        yield pane(None, la, "warming up…"), pane(None, lb, "waiting"), note, None
+                    elif phase == "running":
+                        status_a = "measured" if run_a.end else "running alone…"
+                        status_b = "waiting for the left run to finish" if run_b is None else "running alone…"
+                        yield pane(run_a, la, status_a), pane(run_b, lb, status_b), note, None
+                    else:
+                        measured = (run_a, run_b, configs[0].sampling.greedy)
+                        replaying = note + "\n\nReplaying both at their measured speeds…"
+                        yield pane(run_a, la, "measured"), pane(run_b, lb, "measured"), replaying, measured
         except ValueError as err:
+            log.warning("comparison refused: %s", err)
             gr.Warning(str(err), duration=10)
             yield gr.update(), gr.update(), f"Not run: {err}", None
         except Exception as err:  # a model failure must not take the app down
@@ -223,7 +234,7 @@ class Handlers:
     def chat_api(self) -> Callable[..., Iterator[str]]:
         """The public `chat` endpoint. gr.api reads its parameters, types and defaults from the signature,
         and two defaults belong to this app (the first method, the reply length), so it is made here."""
-        engine, options = self.engine, self.options
+        engine, options, lock = self.engine, self.options, self.lock
 
         def chat(
             message: str,
@@ -241,21 +252,24 @@ class Handlers:
             """
             try:
                 message = check_message(message, engine.context_length)
-                sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+                length = options.check_reply_length(max_new_tokens, "max_new_tokens")
+                sampling = dict(max_new_tokens=length, temperature=temperature, top_p=top_p, top_k=top_k)
                 config = ChatSettings.with_tree(options.tree_for(temperature), **sampling).config(method)
-                well_formed = history is None or all(
-                    isinstance(m, dict) and {"role", "content"} <= m.keys() for m in history
-                )
-                if not well_formed:
-                    raise ValueError('history must be a list of {"role": ..., "content": ...} messages')
-                messages = build_messages(system_prompt, history or [], message)
-                cancel = ChatSession().cancel
-                for view in stream_reply(engine, messages, config, cancel, options.poll_s):
-                    yield view.text
+                messages = build_messages(system_prompt, check_history(history or []), message)
+                cancel = threading.Event()  # set by app.pump when Gradio closes this stream early
+                with lock.hold(cancel):
+                    for view in stream_reply(engine, messages, config, cancel, options.poll_s):
+                        yield view.text
             except ValueError as err:
-                raise gr.Error(str(err)) from None
+                raise refused(err) from None
 
         return chat
+
+
+def refused(err: ValueError, duration: float = 10) -> gr.Error:
+    """The browser's message for a request that cannot run; the server log gets one line, not a traceback."""
+    log.warning("request refused: %s", err)
+    return gr.Error(str(err), duration=duration, print_exception=False)
 
 
 def status_line(view) -> str:

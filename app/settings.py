@@ -28,6 +28,13 @@ class AppOptions:
     default_method: str | None = None  # the method selected on load (None: EAGLE-2 when a head is loaded)
     backend_note: str = ""  # why this backend runs the target (launch.py's measurement), shown in the sidebar
 
+    def check_reply_length(self, value, name: str) -> int:
+        """`value` as a reply length the app serves, or ValueError naming `name`, the range and the value."""
+        value = _whole(name, value)
+        if not 1 <= value <= self.max_new_tokens_limit:
+            raise ValueError(f"{name} must be between 1 and {self.max_new_tokens_limit}, got {value}")
+        return value
+
     def tree_for(self, temperature) -> TreeConfig:
         """The default tree for a temperature: the sampling tree when sampling and one was given."""
         return self.sampling_tree if self.sampling_tree is not None and samples(temperature) else self.tree

@@ -4,7 +4,8 @@
 `app.handlers.Handlers`; it holds no state of its own beyond what it is given. Per-browser state lives in
 `gr.State` (a `ChatSession` per session). The one engine is shared by every session through the queue:
 all events that run the engine share the concurrency group "engine" with limit 1, so requests run one at
-a time and later ones see their queue position.
+a time and later ones see their queue position; they also hold the engine's `EngineLock`, which orders
+them against the OpenAI routes that share the engine (app/serial.py).
 """
 
 import html
@@ -16,6 +17,7 @@ import gradio as gr
 from app.chat import ChatSession
 from app.compare import pane
 from app.handlers import Handlers
+from app.serial import EngineLock
 from app.settings import AppOptions, ChatSettings
 from app.stats import method_label
 from app.tree_svg import LEGEND, empty_panel
@@ -54,9 +56,10 @@ def slider_max(trees: list[TreeConfig], field: str, usual: int) -> int:
     return max([usual] + [getattr(t, field) for t in trees])
 
 
-def build_ui(engine, options: AppOptions | None = None) -> gr.Blocks:
+def build_ui(engine, options: AppOptions | None = None, lock: EngineLock | None = None) -> gr.Blocks:
+    """The app's Blocks; `lock` is the engine's, to share with the OpenAI routes (app/openai_api.py)."""
     options = options or AppOptions()
-    h = Handlers(engine, options)
+    h = Handlers(engine, options, lock or EngineLock())
     methods = h.methods
     choices = [(method_label(m), m) for m in methods]
     first = options.default_method if options.default_method in methods else methods[0]

@@ -76,7 +76,7 @@ class GenerationConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if not 1 <= self.max_new_tokens <= 1_000_000:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            raise ValueError(f"max_new_tokens must be between 1 and 1000000, got {self.max_new_tokens}")
         self.sampling.validate()
         self.tree.validate()
 

@@ -64,6 +64,25 @@ def test_chat_reports_bad_input(served):
         client.predict(message="hi", history=[{"text": "no role"}], api_name="/chat")
 
 
+def test_chat_names_the_field_the_range_and_the_value(served, caplog, capfd):
+    _, client = served
+    bad = [
+        (dict(max_new_tokens=10**9), "max_new_tokens must be between 1 and 2048, got 1000000000"),
+        (dict(history=[{"role": "user", "content": ["hi"]}]), "history[0].content must be a string, got list"),
+        (dict(history=[{"role": "wizard", "content": "hi"}]), "history[0].role must be \"user\" or \"assistant\""),
+        (dict(history="hi"), "history must be a list"),
+    ]
+    capfd.readouterr()
+    for fields, says in bad:
+        with pytest.raises(AppError) as caught:
+            client.predict(message="hi", api_name="/chat", **fields)
+        assert says in str(caught.value)
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == len(bad) and all(says in line for line, (_, says) in zip(refusals, bad, strict=True))
+    assert "Traceback" not in capfd.readouterr().err  # one log line per refusal, no traceback
+    assert client.predict(message="hi", max_new_tokens=3, api_name="/chat")  # still answering
+
+
 def test_only_chat_is_public(served):
     _, client = served
     assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/chat"]
