@@ -1,4 +1,5 @@
-"""Start the chat app: load the model and draft head once, build the engine, serve the Gradio UI.
+"""Start the chat app: load the model and draft head once, build the engine, serve the Gradio UI and the
+OpenAI-compatible API (/v1) from one process.
 
     python launch.py                      # default model + head, opens the browser
     python launch.py --no-browser --port 7861
@@ -10,6 +11,7 @@ them read the model, head and hardware flags the same way (engine/cli.py).
 """
 
 import argparse
+import socket
 import sys
 import time
 from dataclasses import replace
@@ -106,7 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "machine: combine it with --auth.",
     )
     s.add_argument(
-        "--auth", default=None, metavar="USER:PASSWORD", help="require this login in the browser and the API."
+        "--auth", default=None, metavar="USER:PASSWORD",
+        help="require this login in the browser, the Gradio API and the OpenAI API at /v1 (there as the bearer "
+        "token user:password, or HTTP basic authentication).",
     )
     s.add_argument("--no-browser", action="store_true", help="do not open a browser tab on start.")
     s.add_argument("--max-new-tokens", type=int, default=256, help="default reply length in the UI. Default: 256.")
@@ -136,6 +140,19 @@ def parse_tree_arg(value: str, flag: str, words: tuple[str, ...]) -> "str | Tree
     except ValueError as err:
         raise ValueError(f"{expected} ({err})") from None
     return tree
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (in use, no such address), or None when it can.
+    Checked before the model loads, so a busy port costs a second, not the load."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no obstacle
+            s.bind(address)
+    except OSError as err:
+        return str(err.strerror or err)
+    return None
 
 
 def step(message: str) -> float:
@@ -170,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not 0 <= args.lookup <= 64:
         return fail(f"--lookup must be between 0 (off) and 64 tokens, got {args.lookup}")
+    problem = port_problem(args.host, args.port)
+    if problem:
+        return fail(f"cannot serve on {args.host}:{args.port} ({problem}); pick another --port")
     try:
         tree_arg = parse_tree_arg(args.tree, "--tree", ("auto", "paper"))
         sampling_tree_arg = parse_tree_arg(args.sampling_tree, "--sampling-tree", ("auto", "same"))
@@ -178,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t = step("Loading libraries (torch, transformers, gradio)")
     from app import AppOptions, build_ui, load_examples
+    from app.openai_api import mount_openai
+    from app.serial import EngineLock
     from app.ui import CSS_PATH
     from engine.backend import spec_for
     from engine.checkpoint import load_head
@@ -293,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         sampling_tree=sampling_tree, sampling_tree_note=sampling_note, default_method=default_method,
         backend_note=backend_note,
     )
-    demo = build_ui(engine, options)
+    lock = EngineLock()  # one generation at a time, shared by the UI and the OpenAI routes
+    demo = build_ui(engine, options, lock)
 
     t = step(f"Starting the web UI on {args.host}:{args.port}")
     try:
@@ -310,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except OSError as err:
         return fail(f"could not start the server on {args.host}:{args.port} ({err}); try another --port")
+    mount_openai(demo, engine, options, lock)
     done(t)
-    print(f"• Serving at {demo.local_url}", flush=True)
+    print(f"• Serving at {demo.local_url} (OpenAI-compatible API at {demo.local_url.rstrip('/')}/v1)", flush=True)
     if args.share:
         if demo.share_url:
             print(f"• Public share link: {demo.share_url}", flush=True)

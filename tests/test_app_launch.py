@@ -1,5 +1,6 @@
 """launch.py's command line: every flag documented, bad values refused before any model is loaded."""
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,15 @@ def test_tree_arguments():
         launch.parse_tree_arg("4,2,99", "--sampling-tree", ("auto", "same"))
     with pytest.raises(ValueError, match="--sampling-tree 'paper' is not auto, same"):
         launch.parse_tree_arg("paper", "--sampling-tree", ("auto", "same"))
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert launch.main(["--port", str(port), "--no-browser"]) == 2
+    out, err = capsys.readouterr()
+    assert f"cannot serve on 127.0.0.1:{port}" in err and "pick another --port" in err
+    assert "Loading" not in out  # refused before the libraries, let alone the model
+    assert launch.port_problem("127.0.0.1", port) is None  # free again once closed
