@@ -28,13 +28,19 @@ def test_refuses_benchmark_questions(tmp_path):
         read_prompts(bench)
 
 
-def test_tiny_training_run_lowers_loss_and_exports(tmp_path):
+def tiny_run(tmp_path, layers: int):
+    """A tiny target, its tokenizer, and a run folder holding its answers to 24 prompts in 2 shards."""
     torch.manual_seed(0)
-    model = tiny_model("llama", layers=2, seed=4)
+    model = tiny_model("llama", layers=layers, seed=4)
     tokenizer = tiny_tokenizer()
     prompts = [f"tell me about {w} {c}" for c in "abcdef" for w in ("cats", "rain", "maps", "bread")]
     run = tmp_path / "run"
     generate_data(model, tokenizer, prompts, run, DataConfig(limit=24, max_new_tokens=24, batch_size=8, shard_size=12))
+    return model, tokenizer, run
+
+
+def test_tiny_training_run_lowers_loss_and_exports(tmp_path):
+    model, tokenizer, run = tiny_run(tmp_path, layers=2)
     assert len(list((run / "data").glob("shard_*.safetensors"))) == 2
     seqs = load_sequences(run)
     assert len(seqs) == 24 and seqs[0]["features"].shape[-1] == 64
@@ -226,12 +232,7 @@ def test_eagle3_recipe_trains_exports_the_official_layout_and_decodes_losslessly
 
     from engine.train.eagle3 import STEP_DECAY
 
-    torch.manual_seed(0)
-    model = tiny_model("llama", layers=8, seed=4)
-    tokenizer = tiny_tokenizer()
-    prompts = [f"tell me about {w} {c}" for c in "abcdef" for w in ("cats", "rain", "maps", "bread")]
-    run = tmp_path / "run"
-    generate_data(model, tokenizer, prompts, run, DataConfig(limit=24, max_new_tokens=24, batch_size=8, shard_size=12))
+    model, tokenizer, run = tiny_run(tmp_path, layers=8)
     seqs = load_sequences(run)
     vocab, _ = draft_vocabulary(seqs, 40, 64, {0})
     cfg = FitConfig(

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from engine.checkpoint import target_layers
 from engine.head import Eagle3Head, head_config_for
-from engine.train.unroll import unrolled_predictions
+from engine.train.unroll import record, scored_steps, unrolled_predictions
 from engine.verify import base_model
 
 STEP_DECAY = 0.8  # weight of draft step s is STEP_DECAY ** s
@@ -78,20 +78,11 @@ def loss(head: Eagle3Head, embed, lm_weight, batch, cfg, noise: bool, model) -> 
         full_best = model.get_output_embeddings()(hidden).float().amax(dim=-1)  # (k,)
         in_vocab = draft_logits.amax(dim=-1) >= full_best  # the target's argmax is draftable
         target_p = torch.softmax(draft_logits, dim=-1)
-    position = torch.arange(m.shape[1], device=m.device).expand_as(m)[m]  # (k,)
     total, stats = 0.0, {}
-    for step, pred in enumerate(preds):
-        rows = position >= step
-        stats[f"rows_{step + 1}"] = int(rows.sum())
-        if not stats[f"rows_{step + 1}"]:
-            continue
-        logp = F.log_softmax(head.lm_head(head.norm(pred[m][rows])).float(), dim=-1)  # (k, Vd)
+    for step, rows, pred_m in scored_steps(preds, m, stats):
+        logp = F.log_softmax(head.lm_head(head.norm(pred_m)).float(), dim=-1)  # (k, Vd)
         tp, keep = target_p[rows], in_vocab[rows].float()
         ce = -((tp * logp).sum(-1) * keep).sum() / keep.sum().clamp(min=1)
-        acc = (logp.argmax(-1) == tp.argmax(-1)).float().mean()
         total = total + STEP_DECAY**step * ce
-        if step == 0:
-            stats.update(ce=ce.item(), acc=acc.item())
-        else:
-            stats[f"acc_{step + 1}"] = acc.item()
+        record(stats, step, (logp.argmax(-1) == tp.argmax(-1)).float().mean(), ce=ce)
     return total, stats

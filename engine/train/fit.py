@@ -17,7 +17,7 @@ from tqdm import tqdm
 from engine.head import DraftHead, head_config_for, weights_digest
 from engine.train import clock, eagle3
 from engine.train.features import pack
-from engine.train.unroll import unrolled_predictions
+from engine.train.unroll import record, scored_steps, unrolled_predictions
 
 
 @dataclass(frozen=True)
@@ -91,23 +91,14 @@ def eagle_loss(head: DraftHead, embed, lm_weight, batch, cfg: FitConfig, noise: 
     target_m = batch["target"][m].float()  # (k, H)
     with torch.no_grad():
         target_p = torch.softmax(F.linear(target_m.to(lm_weight.dtype), lm_weight).float(), dim=-1)  # (k, V)
-    position = torch.arange(m.shape[1], device=m.device).expand_as(m)[m]  # (k,)
     total, stats = 0.0, {}
-    for step, pred in enumerate(preds):
-        rows = position >= step
-        stats[f"rows_{step + 1}"] = int(rows.sum())
-        if not stats[f"rows_{step + 1}"]:
-            continue
-        pred_m, tgt, tp = pred[m][rows], target_m[rows], target_p[rows]
+    for step, rows, pred_m in scored_steps(preds, m, stats):
+        tgt, tp = target_m[rows], target_p[rows]
         reg = F.smooth_l1_loss(pred_m, tgt)
         logp = F.log_softmax(F.linear(pred_m.to(lm_weight.dtype), lm_weight).float(), dim=-1)  # (k, V)
         ce = -(tp * logp).sum(-1).mean()
-        acc = (logp.argmax(-1) == tp.argmax(-1)).float().mean()
         total = total + (reg + cfg.ce_weight * ce) / len(preds)
-        if step == 0:
-            stats.update(reg=reg.item(), ce=ce.item(), acc=acc.item())
-        else:
-            stats[f"acc_{step + 1}"] = acc.item()
+        record(stats, step, (logp.argmax(-1) == tp.argmax(-1)).float().mean(), reg=reg, ce=ce)
     return total, stats
 
 

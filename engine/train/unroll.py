@@ -48,3 +48,23 @@ def unrolled_predictions(
         preds.append(pred)
         feats = torch.cat([torch.zeros_like(pred[:, :1]), pred[:, :-1]], dim=1)
     return preds
+
+
+def scored_steps(preds: list[torch.Tensor], mask: torch.Tensor, stats: dict):
+    """(step, rows, predictions) for every draft step with positions to score: `rows` (k,) selects the
+    masked positions step s can score (it skips the first s), predictions are theirs (rows, H).
+    Records `rows_s` in `stats`."""
+    position = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)[mask]  # (k,)
+    for step, pred in enumerate(preds):
+        rows = position >= step
+        stats[f"rows_{step + 1}"] = int(rows.sum())
+        if stats[f"rows_{step + 1}"]:
+            yield step, rows, pred[mask][rows]
+
+
+def record(stats: dict, step: int, acc: torch.Tensor, **losses: torch.Tensor) -> None:
+    """Step 1's numbers under the plain names (acc and the losses), later steps' accuracy as acc_s."""
+    if step == 0:
+        stats.update(acc=acc.item(), **{k: v.item() for k, v in losses.items()})
+    else:
+        stats[f"acc_{step + 1}"] = acc.item()
