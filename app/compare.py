@@ -21,6 +21,9 @@ from app.stats import method_label, speedup_line, stats_line
 from engine.config import GenerationConfig
 
 WARMUP_TOKENS = 4
+# Backends whose greedy EAGLE output is the model's own token for token, bit for bit (docs/backends.md);
+# on the others the two can part at a rounding near-tie.
+EXACT_BACKENDS = ("int8",)
 MEASURED_NOTE = (
     "**What is measured:** after a {warmup}-token warm-up of each method, **{a}** ran alone, then **{b}** ran "
     "alone on the same engine and prompt, so neither slowed the other down. Tokens/s is the engine's own "
@@ -127,8 +130,8 @@ def pane(run: Run | None, label: str, status: str, t: float | None = None, tint:
     )
 
 
-def summary(run_a: Run, run_b: Run, greedy: bool) -> str:
-    """Markdown: speed-up of B over A and whether the two replies are identical."""
+def summary(run_a: Run, run_b: Run, greedy: bool, backend: str = "fp32") -> str:
+    """Markdown: speed-up of B over A and whether the two replies are identical, as `backend` promises."""
     ends = (run_a.end, run_b.end)
     if any(end is None or end["finish_reason"] == "cancelled" for end in ends):
         return "The comparison was stopped before both runs finished."
@@ -137,14 +140,19 @@ def summary(run_a: Run, run_b: Run, greedy: bool) -> str:
     if run_a.end["output_ids"] == run_b.end["output_ids"]:
         lines.append(f"Texts identical: **yes**, token for token ({len(run_a.end['output_ids'])} tokens).")
     else:
-        a, b = run_a.text, run_b.text
-        first = len(os.path.commonprefix([a, b]))  # not engine.decode's: that would import torch
-        why = (
-            "With temperature > 0 each run samples its own tokens, so different texts are expected."
-            if not greedy
-            else "Greedy decoding should give the same tokens; low-precision arithmetic (bf16/fp16) can "
-            "flip a near-tie between two tokens."
-        )
+        first = len(os.path.commonprefix([run_a.text, run_b.text]))  # not engine.decode's: that imports torch
+        if not greedy:
+            why = "With temperature > 0 each run samples its own tokens, so different texts are expected."
+        elif backend in EXACT_BACKENDS:
+            why = (
+                f"With {backend} greedy decoding must give the same tokens bit for bit (see the header): "
+                "this is a bug; please report the prompt and the settings."
+            )
+        else:
+            why = (
+                f"A rounding near-tie of {backend}: two tokens' scores tied within {backend} rounding, the "
+                "methods picked different ones, and from there on the texts part (the header's exception)."
+            )
         lines.append(f"Texts identical: **no**, they differ from character {first}. {why}")
     for run, label in ((run_a, la), (run_b, lb)):
         lines.append(f"{label}: {run.end['message']}.")

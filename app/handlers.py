@@ -226,7 +226,7 @@ class Handlers:
         yield (
             pane(run_a, la, "finished", None, tint),
             pane(run_b, lb, "finished", None, tint),
-            note + "\n\n" + summary(run_a, run_b, greedy),
+            note + "\n\n" + summary(run_a, run_b, greedy, self.engine.backend),
         )
 
     # ---- API ----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from app.chat import ChatSession
-from app.compare import pane
+from app.compare import EXACT_BACKENDS, pane
 from app.handlers import Handlers
 from app.serial import EngineLock
 from app.settings import AppOptions, ChatSettings
@@ -40,14 +40,25 @@ def load_examples(path: str | Path = EXAMPLES_PATH) -> tuple[str, ...]:
     return tuple(prompts)
 
 
+# The benchmark's lossless audit per backend (docs/performance.md names the command behind each figure).
+AUDITS = {
+    "int8": "benchmark audit: 0 of 126 turns differ",
+    "bf16": "benchmark audit: 315 of 435 bf16 turns part at a near-tie, none for another reason",
+}
+
+
 def promise(engine) -> str:
     """What greedy decoding guarantees for the backend that runs, in one sentence for the header."""
-    name = engine.describe().split(" · ")[0]
-    if engine.backend == "int8":  # integer products and float64 attention: batch-independent, bit for bit
-        return f"With temperature 0 the reply is exactly the one {name} (int8) writes alone."
+    name, backend = engine.describe().split(" · ")[0], engine.backend
+    audit = f"{AUDITS[backend]}; " if backend in AUDITS else ""
+    if backend in EXACT_BACKENDS:  # integer products and float64 attention: batch-independent, bit for bit
+        return (
+            f"With temperature 0 the reply is identical, token for token, to the one {name} ({backend}) writes "
+            f"alone ({audit}docs/performance.md)."
+        )
     return (
-        f"With temperature 0 the reply is the one {name} ({engine.backend}) writes alone, except where two "
-        f"tokens tie to within {engine.backend} rounding: there the texts can part (docs/performance.md)."
+        f"With temperature 0 the reply is identical to the one {name} ({backend}) writes alone up to rounding "
+        f"near-ties: where two tokens tie within {backend} rounding the texts can part ({audit}docs/performance.md)."
     )
 
 

@@ -361,6 +361,35 @@ def test_summary_reports_speedup_and_identity():
     assert "stopped" in summary(a, c, greedy=True)
 
 
+def test_summary_of_differing_greedy_texts_keeps_the_headers_promise():
+    a = run_of("vanilla", [0.1, 0.2], ["a", "b"], [1, 2], 10.0)
+    c = run_of("eagle2", [0.1], ["ax"], [1, 3], 20.0)
+    bf16 = summary(a, c, greedy=True, backend="bf16")
+    assert "differ from character 1" in bf16 and "rounding near-tie of bf16" in bf16 and "bug" not in bf16
+    int8 = summary(a, c, greedy=True, backend="int8")  # the header promises identical tokens: say so
+    assert "differ from character 1" in int8 and "bug" in int8 and "near-tie" not in int8
+
+
+class _Engine:
+    def __init__(self, backend):
+        self.backend = backend
+
+    def describe(self):
+        return f"SmolLM2 · {self.backend} · cpu · EAGLE head loaded"
+
+
+def test_header_promise_is_exact_only_for_the_exact_backend():
+    from app.ui import promise
+
+    int8 = promise(_Engine("int8"))
+    assert "identical, token for token" in int8 and "near-tie" not in int8 and "0 of 126 turns" in int8
+    bf16 = promise(_Engine("bf16"))
+    assert "identical to the one SmolLM2 (bf16) writes alone up to rounding near-ties" in bf16
+    assert "315 of 435" in bf16 and "token for token" not in bf16
+    fp32 = promise(_Engine("fp32"))
+    assert "up to rounding near-ties" in fp32 and "audit" not in fp32
+
+
 # ---- pump ------------------------------------------------------------------------------------------
 
 
