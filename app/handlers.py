@@ -32,11 +32,12 @@ from app.chat import (
 )
 from app.compare import MEASURED_NOTE, WARMUP_TOKENS, measure, pane, replay_times, summary
 from app.serial import EngineLock
-from app.settings import AppOptions, ChatSettings, available_methods, tree_for_temperature
+from app.settings import AppOptions, ChatSettings, available_methods, sidebar_ranges, tree_for_temperature
 from app.stats import method_label, stats_line
 from app.tree_svg import empty_panel, render_cycle
 
 log = logging.getLogger(__name__)
+WAIT_POLL_S = 0.25  # how often a request waiting for the engine checks Stop and redraws its place in line
 
 TINT_LEGEND = (
     '<div class="tint-legend"><span class="tok tok-draft cyc-odd">accepted draft tokens</span> '
@@ -63,6 +64,7 @@ class Handlers:
         self.options = options
         self.lock = lock  # held while the engine runs, shared with the OpenAI routes (app/serial.py)
         self.methods = available_methods(engine)
+        self.ranges = sidebar_ranges(options)  # the sidebar's number fields: label and range
 
     # ---- chat ---------------------------------------------------------------------------------
 
@@ -77,7 +79,7 @@ class Handlers:
         if not session.turns:
             raise refused(ValueError("nothing to regenerate yet: send a message first"), 6)
         try:
-            session.begin(session.turns[-1].user)
+            session.begin(session.turns[-1].user, replacing=session.turns[-1])
         except ValueError as err:
             raise refused(err, 6) from None
         session.turns.pop()
@@ -87,18 +89,31 @@ class Handlers:
         return "", chatbot_messages(session.turns, tint, session.pending)
 
     def stream_chat(self, session: ChatSession, system_prompt: str, tint: bool, method: str, *settings):
-        """Outputs: textbox, chatbot, session, tree panel, stats line, notice, cycle slider."""
-        message = session.pending
+        """Outputs: textbox, chatbot, session, tree panel, stats line, notice, cycle slider.
+
+        The request is the one begun with `session.cancel` as it is now; once Clear (or a newer request)
+        takes the session, this one stops drawing and leaves the session alone. The history the model is
+        given is the one on screen: the session's turns, which only a finished reply extends.
+        """
+        cancel, message = session.cancel, session.pending
         if message is None:  # nothing claimed the session (e.g. a stale chained event)
-            session.active = False
             return
         keep = gr.update()
+        ticket = None
         try:
-            config = ChatSettings(*settings).config(method)
+            config = ChatSettings(*settings).check(self.ranges).config(method)
             messages = build_messages(system_prompt, session_history(session.turns), message)
+            ticket = self.lock.join()
+            while not self.lock.wait(ticket, WAIT_POLL_S) and not cancel.is_set():
+                ahead = self.lock.ahead(ticket)
+                waiting = f"Waiting for the engine: {ahead} request{'s' if ahead != 1 else ''} ahead (Stop leaves)"
+                yield keep, keep, session, keep, waiting, keep, keep
             view = None
-            with self.lock.hold(session.cancel):  # not held only after Stop: then stream_reply reads nothing
-                for view in stream_reply(self.engine, messages, config, session.cancel, self.options.poll_s):
+            if not cancel.is_set():
+                for view in stream_reply(self.engine, messages, config, cancel, self.options.poll_s):
+                    if not session.owns(cancel):  # cleared: add nothing, and end on the cleared page
+                        yield self._cleared(session, tint)
+                        return
                     tree = render_cycle(view.cycles[-1], self.engine.token_texts) if view.cycles else keep
                     yield (
                         keep,
@@ -109,7 +124,13 @@ class Handlers:
                         view.notice,
                         cycle_slider(len(view.cycles), interactive=False),
                     )
-            if session.pending is None:  # Clear was pressed meanwhile: keep the conversation cleared
+            if not session.owns(cancel):
+                yield self._cleared(session, tint)
+                return
+            if view is None or (view.finish_reason == "cancelled" and not view.cycles):  # stopped before it ran
+                session.give_back()
+                stopped = "Stopped before it started: your message is back in the box."
+                yield message, chatbot_messages(session.turns, tint), session, keep, stopped, "", keep
                 return
             session.turns.append(Turn(message, view.text, view.pieces, finish_note(view)))
             session.cycles = view.cycles
@@ -120,16 +141,31 @@ class Handlers:
         except ValueError as err:  # the request cannot run: settings, prompt length, missing head
             log.warning("chat request refused: %s", err)
             gr.Warning(str(err), duration=10)
-            yield message, chatbot_messages(session.turns, tint), session, keep, f"Not sent: {err}", "", keep
+            if session.owns(cancel):
+                session.give_back()
+                yield message, chatbot_messages(session.turns, tint), session, keep, f"Not sent: {err}", "", keep
         except Exception as err:  # a model failure must not take the app down; history stays intact
             log.exception("generation failed")
             gr.Warning(f"The model failed: {err}. Your conversation is unchanged; try again.", duration=12)
-            yield message, chatbot_messages(session.turns, tint), session, keep, f"Model error: {err}", "", keep
+            if session.owns(cancel):
+                session.give_back()
+                yield message, chatbot_messages(session.turns, tint), session, keep, f"Model error: {err}", "", keep
         finally:
-            session.active, session.pending = False, None
+            if ticket is not None:
+                self.lock.leave(ticket)
+            session.end(cancel)
 
-    def stop(self, session: ChatSession) -> None:
-        session.cancel.set()
+    def _cleared(self, session: ChatSession, tint: bool):
+        """The last outputs of a request that Clear took the session from: the page as Clear left it. (Gradio
+        shows a generator's last outputs again when it ends, so ending without them would redraw the turn.)"""
+        chat = chatbot_messages(session.turns, tint, session.pending)  # a request sent after Clear shows
+        return gr.update(), chat, session, empty_panel(), "", "", cycle_slider(0)
+
+    def stop_chat(self, session: ChatSession) -> None:
+        session.stop("chat")
+
+    def stop_compare(self, session: ChatSession) -> None:
+        session.stop("compare")
 
     def clear_chat(self, session: ChatSession):
         session.clear()
@@ -140,8 +176,24 @@ class Handlers:
         return chatbot_messages(session.turns, tint, session.pending), legend
 
     def follow_temperature(self, temperature, total, depth, tree_top_k) -> tuple[int, int, int]:
+        """Any temperature above 0 samples, one out of range too (check_field says what is wrong with it)."""
         greedy, sampling = self.options.tree, self.options.sampling_tree
         return tree_for_temperature(temperature, total, depth, tree_top_k, greedy, sampling)
+
+    def check_field(self, name: str) -> Callable[[object], None]:
+        """The change listener of one number field: a warning naming the field, its range and the value."""
+        field = self.ranges[name]
+
+        def check(value) -> None:
+            try:
+                field.check(value)
+            except ValueError as err:  # the page puts the nearest end of the range in the box: say so
+                log.warning("setting refused: %s", err)
+                number = float(value) if isinstance(value, int | float) else None
+                where = "" if number is None else f"; it is set to {min(max(number, field.low), field.high):g}"
+                gr.Warning(f"{err}{where}", duration=10)
+
+        return check
 
     # ---- tree panel ---------------------------------------------------------------------------
 
@@ -166,29 +218,28 @@ class Handlers:
     def accept_compare(self, prompt: str, session: ChatSession) -> ChatSession:
         try:
             prompt = check_message(prompt, self.engine.context_length)
-            session.begin(prompt)
+            session.begin(prompt, kind="compare")
         except ValueError as err:
             raise refused(err, 8) from None
         return session
 
     def compare_measure(self, session: ChatSession, system_prompt: str, method_a: str, method_b: str, *settings):
         """Outputs: left pane, right pane, summary, the measured runs (for the replay)."""
-        prompt = session.pending
+        cancel, prompt = session.cancel, session.pending
         if prompt is None:
-            session.active = False
             return
         la, lb = method_label(method_a), method_label(method_b)
         try:
             # One seed for both sides, so a sampled comparison differs only by method.
-            seeded = ChatSettings(*settings).with_fixed_seed()
+            seeded = ChatSettings(*settings).check(self.ranges).with_fixed_seed()
             configs = (seeded.config(method_a), seeded.config(method_b))
             note = MEASURED_NOTE.format(warmup=WARMUP_TOKENS, a=la, b=lb)
-            with self.lock.hold(session.cancel) as held:
-                if not held:  # stopped while an OpenAI request had the engine
+            with self.lock.hold(cancel) as held:
+                if not held:  # stopped while waiting for the engine
                     yield pane(None, la, "stopped"), pane(None, lb, "stopped"), "Stopped before it started.", None
                     return
                 prompt_ids = self.engine.chat_ids(build_messages(system_prompt, [], prompt))
-                runs = measure(self.engine, prompt_ids, configs, session.cancel, self.options.poll_s)
+                runs = measure(self.engine, prompt_ids, configs, cancel, self.options.poll_s)
                 for run_a, run_b, phase in runs:
                     if phase == "warm-up":
                         yield pane(None, la, "warming up…"), pane(None, lb, "waiting"), note, None
@@ -198,8 +249,14 @@ class Handlers:
                         yield pane(run_a, la, status_a), pane(run_b, lb, status_b), note, None
                     else:
                         measured = (run_a, run_b, configs[0].sampling.greedy)
+                        if stopped(run_a) or stopped(run_b):  # nothing to replay: say so on both panes
+                            text = note + "\n\n" + summary(run_a, run_b, True)
+                            yield pane(run_a, la, "stopped"), pane(run_b, lb, "stopped"), text, None
+                            return
                         replaying = note + "\n\nReplaying both at their measured speeds…"
                         yield pane(run_a, la, "measured"), pane(run_b, lb, "measured"), replaying, measured
+            if cancel.is_set():  # stopped during the warm-up: measure ended without a last phase
+                yield pane(None, la, "stopped"), pane(None, lb, "stopped"), "Stopped before it finished.", None
         except ValueError as err:
             log.warning("comparison refused: %s", err)
             gr.Warning(str(err), duration=10)
@@ -209,11 +266,12 @@ class Handlers:
             gr.Warning(f"The model failed: {err}", duration=12)
             yield gr.update(), gr.update(), f"Model error: {err}", None
         finally:
-            session.active, session.pending = False, None
+            session.end(cancel)
 
     def compare_replay(self, runs, tint: bool):
         """Outputs: left pane, right pane, summary."""
-        if runs is None:
+        if runs is None:  # nothing measured (stopped, refused): leave the panes as they are
+            yield gr.update(), gr.update(), gr.update()
             return
         run_a, run_b, greedy = runs
         la, lb = method_label(run_a.method), method_label(run_b.method)
@@ -270,6 +328,11 @@ def refused(err: ValueError, duration: float = 10) -> gr.Error:
     """The browser's message for a request that cannot run; the server log gets one line, not a traceback."""
     log.warning("request refused: %s", err)
     return gr.Error(str(err), duration=duration, print_exception=False)
+
+
+def stopped(run) -> bool:
+    """Whether a compare run was stopped before it finished."""
+    return run is None or run.end is None or run.end["finish_reason"] == "cancelled"
 
 
 def status_line(view) -> str:

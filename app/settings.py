@@ -2,7 +2,10 @@
 
 `ChatSettings` holds the generation settings as the sidebar's components give them (sliders send floats,
 the seed box may be empty); `ChatSettings.config(method)` is the one place they become a validated
-`GenerationConfig`, and its ValueError says which setting is wrong. Pure: no Gradio, no torch.
+`GenerationConfig`, and its ValueError says which setting is wrong. `sidebar_ranges(options)` is the one
+table of the sidebar's number fields (label, minimum, maximum): the UI builds its sliders from it and
+checks every value against it, so an out-of-range number is refused by name, never clamped in silence.
+Pure: no Gradio, no torch.
 """
 
 import random
@@ -38,6 +41,22 @@ class AppOptions:
     def tree_for(self, temperature) -> TreeConfig:
         """The default tree for a temperature: the sampling tree when sampling and one was given."""
         return self.sampling_tree if self.sampling_tree is not None and samples(temperature) else self.tree
+
+
+@dataclass(frozen=True)
+class Field:
+    """One number field of the sidebar: its label and the range it accepts."""
+
+    label: str
+    low: float
+    high: float
+
+    def check(self, value) -> float:
+        """`value` as a number in range, or ValueError naming the field, the range and the value."""
+        number = _real(self.label, value)
+        if not self.low <= number <= self.high:
+            raise ValueError(f"{self.label} must be between {self.low:g} and {self.high:g}, got {number:g}")
+        return number
 
 
 @dataclass(frozen=True)
@@ -91,6 +110,12 @@ class ChatSettings:
         config.validate()
         return config
 
+    def check(self, ranges: dict[str, Field]) -> "ChatSettings":
+        """These settings, or ValueError naming the first field outside its range in `ranges`."""
+        for name, field in ranges.items():
+            field.check(getattr(self, name))
+        return self
+
     def with_fixed_seed(self) -> "ChatSettings":
         """The same settings with a concrete seed: the one set, or a random one when none is."""
         seed = self._seed()
@@ -98,6 +123,26 @@ class ChatSettings:
 
     def _seed(self) -> int | None:
         return None if self.seed is None or self.seed == "" else _whole("seed", self.seed)
+
+
+def slider_max(trees: list[TreeConfig], field: str, usual: int) -> int:
+    """A tree slider's maximum: `usual`, or more when a default tree needs it (so switching trees fits)."""
+    return max([usual] + [getattr(t, field) for t in trees])
+
+
+def sidebar_ranges(options: AppOptions) -> dict[str, Field]:
+    """The sidebar's number fields by ChatSettings name (the seed is free: -1 or any whole number)."""
+    trees = [options.tree] + ([options.sampling_tree] if options.sampling_tree is not None else [])
+    return {
+        "max_new_tokens": Field("Max new tokens", 1, options.max_new_tokens_limit),
+        "temperature": Field("Temperature", 0.0, 2.0),
+        "top_p": Field("Top-p", 0.05, 1.0),
+        "top_k": Field("Top-k", 0, 200),
+        "total_tokens": Field("Total drafted tokens", 1, slider_max(trees, "total_tokens", 128)),
+        "depth": Field("Depth", 1, slider_max(trees, "depth", 12)),
+        "tree_top_k": Field("Top-k per expansion", 1, slider_max(trees, "top_k", 20)),
+        "lookup": Field("Prompt-lookup branch (tokens)", 0, 32),
+    }
 
 
 def make_config(
