@@ -45,24 +45,48 @@ class ChatSession:
     def __init__(self, turns: list[Turn] | None = None, cycles: list[dict] | None = None):
         self.turns: list[Turn] = turns or []
         self.cycles: list[dict] = cycles or []  # cycle events of the last reply (tree panel)
-        self.cancel = threading.Event()  # set by Stop; a new one per request
+        self.cancel = threading.Event()  # set by Stop; a new one per request, which it identifies
         self.active = False  # a request of this session is queued or running
         self.pending: str | None = None  # the user message waiting for its reply
+        self.kind = ""  # what the active request is: "chat" or "compare" (each tab's Stop stops its own)
+        self.replacing: Turn | None = None  # the turn a regeneration replaces, given back if it does not run
 
     def __deepcopy__(self, memo: dict) -> "ChatSession":
         # gr.State deep-copies its initial value for every new browser session; a copy gets its own
         # cancel flag (threading.Event cannot be copied, and must never be shared between sessions).
         return ChatSession(copy.deepcopy(self.turns, memo), copy.deepcopy(self.cycles, memo))
 
-    def begin(self, message: str) -> None:
+    def begin(self, message: str, kind: str = "chat", replacing: Turn | None = None) -> None:
         """Claim the session for a new request; raises ValueError while another one is in flight."""
         if self.active:
             raise ValueError("a reply is still being generated: wait for it or press Stop")
-        self.active, self.pending, self.cancel = True, message, threading.Event()
+        self.active, self.pending, self.kind, self.replacing = True, message, kind, replacing
+        self.cancel = threading.Event()
+
+    def owns(self, cancel: threading.Event) -> bool:
+        """Whether the request with this cancel flag is still the session's (not cleared, not replaced)."""
+        return self.cancel is cancel and self.pending is not None
+
+    def end(self, cancel: threading.Event) -> None:
+        """The request with this cancel flag is over; a newer request, begun after Clear, keeps the session."""
+        if self.cancel is cancel:
+            self.active, self.pending, self.replacing = False, None, None
+
+    def give_back(self) -> None:
+        """The request did not run: the turn a regeneration was replacing returns to the history."""
+        if self.replacing is not None:
+            self.turns.append(self.replacing)
+            self.replacing = None
+
+    def stop(self, kind: str) -> None:
+        """Stop the active request if it is of this kind (the Compare tab's Stop never stops a chat reply)."""
+        if self.active and self.kind == kind:
+            self.cancel.set()
 
     def clear(self) -> None:
+        """Forget the conversation now; a reply still streaming is stopped and never comes back."""
         self.cancel.set()
-        self.turns, self.cycles, self.pending = [], [], None
+        self.turns, self.cycles, self.pending, self.replacing, self.active = [], [], None, None, False
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 The engine is single-threaded (one KV cache, one stopwatch), so the chat, the Compare tab, the Gradio
 `chat` API and the OpenAI routes (app/openai_api.py) each hold `EngineLock` for the whole of a request
-that tokenizes or generates. The Gradio events that run the engine also share one concurrency group of
-limit 1, so among themselves they queue in Gradio's queue (and see their position); the lock orders them
-against the OpenAI requests, which arrive outside that queue.
+that tokenizes or generates. The lock alone orders the browser's requests (they wait here, not in Gradio's
+queue, so Stop takes a waiting request out of the line at once and the page shows how many are ahead),
+the Gradio `chat` API and the OpenAI requests.
 
 Invariants: holders are served in the order they joined; a waiter whose `cancel` is set leaves the line
 without ever holding the lock; the lock may be released from another thread than the one that took it
@@ -33,6 +33,11 @@ class EngineLock:
         """Whether `ticket` holds the lock, waiting up to `timeout` seconds for its turn."""
         with self._changed:
             return self._changed.wait_for(lambda: self._serving == ticket, timeout)
+
+    def ahead(self, ticket: int) -> int:
+        """How many holders are before `ticket`: the one holding the lock and those still waiting."""
+        with self._changed:
+            return sum(1 for t in range(self._serving, ticket) if t not in self._left)
 
     def leave(self, ticket: int) -> None:
         """Release the lock held by `ticket`, or give up its place in the line."""
