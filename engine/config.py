@@ -5,8 +5,19 @@ and the training commands parse arguments and build these; the engine only reads
 """
 
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 
-METHODS = ("vanilla", "eagle1", "eagle2")
+
+class Method(StrEnum):
+    """How the engine decodes: the target alone, or with an EAGLE head drafting a static or dynamic tree.
+    A str, so "eagle2" and Method.EAGLE2 compare equal and serialise the same."""
+
+    VANILLA = "vanilla"
+    EAGLE1 = "eagle1"  # static tree
+    EAGLE2 = "eagle2"  # dynamic tree
+
+
+METHODS = tuple(m.value for m in Method)
 
 
 @dataclass(frozen=True)
@@ -65,12 +76,16 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    method: str = "eagle2"
+    method: Method | str = Method.EAGLE2  # a known name becomes a Method; `validate` refuses others
     max_new_tokens: int = 256
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    def __post_init__(self):
+        if self.method in METHODS:
+            object.__setattr__(self, "method", Method(self.method))
 
     def validate(self) -> None:
         if self.method not in METHODS:

@@ -21,10 +21,10 @@ from typing import NamedTuple
 
 import torch
 
-from engine.config import GenerationConfig
+from engine.config import GenerationConfig, Method
 from engine.detok import IncrementalDetokenizer
 from engine.draft import Drafter
-from engine.events import CycleEvent, EndEvent, StartEvent, Totals, TreeView
+from engine.events import CycleEvent, EndEvent, FinishReason, StartEvent, Totals, TreeView
 from engine.gate import HeadGate
 from engine.head import DraftHead, Eagle3Head
 from engine.kv import commit_path, new_cache
@@ -178,7 +178,7 @@ class Engine:
     def generate(self, prompt_ids: list[int], config: GenerationConfig, cancel=None):
         """Yield start, one cycle event per verify step (cycle 0 is the prefill's token), then end."""
         config.validate()
-        if config.method != "vanilla" and self.head is None:
+        if config.method != Method.VANILLA and self.head is None:
             raise ValueError(f"method {config.method} needs a draft head; load one with --head or use vanilla")
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -192,7 +192,7 @@ class Engine:
             generator.manual_seed(config.seed if config.seed is not None else torch.seed())
         plan = static_plan(self.static_tree, config.tree.depth, config.tree.total_tokens)
         drafter = None
-        if config.method != "vanilla":
+        if config.method != Method.VANILLA:
             budget = min(len(prompt_ids) + config.max_new_tokens + 1, self.context_length)
             scratch = max(config.tree.depth * config.tree.top_k, len(plan.parents))
             embed, lm_head = self.model.get_input_embeddings(), self.model.lm_head
@@ -211,7 +211,7 @@ class Engine:
             state.output.extend(event.new_token_ids)
             text = detok.add([t for t in event.new_token_ids if t not in self.eos_ids])
             text, hit = self._apply_stop_strings(detok, text, config.stop)
-            finish = finish or ("stop_string" if hit else None)
+            finish = finish or (FinishReason.STOP_STRING if hit else None)
             event.text = text
             totals = state.totals
             totals.new_tokens = len(state.output)
@@ -221,14 +221,14 @@ class Engine:
             event.totals = replace(totals)
             yield asdict(event)
             if finish is None and cancel is not None and cancel.is_set():
-                finish = "cancelled"
+                finish = FinishReason.CANCELLED
             if finish is None and state.past_len >= self.context_length:
-                finish = "context_length"
+                finish = FinishReason.CONTEXT_LENGTH
             if finish is not None:
                 break
             event = self._cycle(state, config, generator, drafter, plan)
             finish = self._finish_reason(event.new_token_ids, config, state)
-            if finish in ("eos", "max_new_tokens"):
+            if finish in (FinishReason.EOS, FinishReason.MAX_NEW_TOKENS):
                 event.new_token_ids = self._cut(event.new_token_ids, config, state)
         yield asdict(EndEvent(finish, self._finish_message(finish), detok.text, state.output, replace(state.totals)))
 
@@ -303,7 +303,7 @@ class Engine:
         elif state.gate is not None and kind is DraftKind.REST:  # copy stretches are not the gate's to judge
             state.gate.skip_cycle(accepted - 1, draft_ms + verify_ms)
         view = None
-        if config.method != "vanilla":
+        if config.method != Method.VANILLA:
             rest = packed[d + 1 + n :]
             view = TreeView(
                 tokens, rest[:n], rest[n : 2 * n], [s / SCORE_SCALE for s in rest[2 * n :]],
@@ -328,12 +328,12 @@ class Engine:
         feed = (self.stopwatch.mark(),) if timed else None
         root_hidden = drafter.extend(*state.pairs)  # commit the pending pairs (keeps the head in step)
         feed = feed + (self.stopwatch.mark(),) if timed else None
-        if config.method == "eagle2" and room >= 2:
+        if config.method == Method.EAGLE2 and room >= 2:
             tree_cfg = config.tree
             if tree_cfg.total_tokens > room - 1:
                 tree_cfg = replace(tree_cfg, total_tokens=room - 1)
             tree = drafter.dynamic_tree(state.pending, root_hidden, tree_cfg)
-        elif config.method == "eagle1" and len(plan.parents) <= room:
+        elif config.method == Method.EAGLE1 and len(plan.parents) <= room:
             tree = drafter.static_tree(state.pending, root_hidden, plan)
         else:  # near the context limit: one token at a time
             return Draft(root_only(state.pending), 1, [], DraftKind.HEAD, feed)
@@ -344,11 +344,11 @@ class Engine:
 
     # ---- stopping -----------------------------------------------------------------------------
 
-    def _finish_reason(self, new_ids: list[int], config: GenerationConfig, state: DecodeState) -> str | None:
+    def _finish_reason(self, new_ids: list[int], config: GenerationConfig, state: DecodeState) -> FinishReason | None:
         if any(t in self.eos_ids for t in new_ids[: max(config.max_new_tokens - len(state.output), 0)]):
-            return "eos"
+            return FinishReason.EOS
         if len(state.output) + len(new_ids) >= config.max_new_tokens:
-            return "max_new_tokens"
+            return FinishReason.MAX_NEW_TOKENS
         return None
 
     def _cut(self, new_ids: list[int], config: GenerationConfig, state: DecodeState) -> list[int]:
@@ -373,11 +373,11 @@ class Engine:
         detok.text = detok.text[:cut]
         return detok.text[emitted_before:] if cut > emitted_before else "", True
 
-    def _finish_message(self, reason: str) -> str:
+    def _finish_message(self, reason: FinishReason) -> str:
         return {
-            "eos": "the model ended its reply",
-            "max_new_tokens": "reached the max new tokens limit",
-            "stop_string": "stopped at a stop string",
-            "context_length": f"stopped at the model's context length ({self.context_length} tokens)",
-            "cancelled": "stopped by the user",
+            FinishReason.EOS: "the model ended its reply",
+            FinishReason.MAX_NEW_TOKENS: "reached the max new tokens limit",
+            FinishReason.STOP_STRING: "stopped at a stop string",
+            FinishReason.CONTEXT_LENGTH: f"stopped at the model's context length ({self.context_length} tokens)",
+            FinishReason.CANCELLED: "stopped by the user",
         }[reason]

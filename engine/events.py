@@ -24,9 +24,21 @@ Invariants of a `cycle` event:
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
-FINISH_REASONS = ("eos", "max_new_tokens", "stop_string", "context_length", "cancelled")
+
+class FinishReason(StrEnum):
+    """Why a reply ended (the end event's `finish_reason`); a str, so it serialises as its value."""
+
+    EOS = "eos"  # the model ended its reply
+    MAX_NEW_TOKENS = "max_new_tokens"
+    STOP_STRING = "stop_string"
+    CONTEXT_LENGTH = "context_length"
+    CANCELLED = "cancelled"
+
+
+FINISH_REASONS = tuple(r.value for r in FinishReason)
 
 
 @dataclass
