@@ -164,6 +164,20 @@ def done(start: float, detail: str = "") -> None:
     print(f"  done in {time.perf_counter() - start:.1f} s{': ' + detail if detail else ''}", flush=True)
 
 
+def sampled_method(tuned) -> tuple[str | None, str]:
+    """What "auto" runs at temperature > 0 given the sampling tune, and why: vanilla where the best
+    sampling tree is not expected to beat it by SAMPLED_MARGIN (engine/backend.py), else None (the same
+    method as greedy)."""
+    from engine.backend import SAMPLED_MARGIN
+
+    if tuned.speedup >= SAMPLED_MARGIN:
+        return None, ""
+    return "vanilla", (
+        f"Auto runs vanilla when sampling: the best sampling tree is expected at {tuned.speedup:.2f}x vanilla "
+        f"on this machine, under the {SAMPLED_MARGIN:.2f}x that sampled drafting needs to pay here."
+    )
+
+
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
     return 2
@@ -261,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"• Engine ready: {engine.describe()}", flush=True)
     tree = TreeConfig()
     tree_note = f"EAGLE-2 paper defaults ({tree.describe()})"
-    sampling_tree, sampling_note = None, ""
+    sampling_tree, sampling_note, sampled_result = None, "", None
     default_method = "eagle2" if head is not None else "vanilla"
     if tuning is not None:
         default_method = tuning.choice.method
@@ -272,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"• {tree_note}", flush=True)
         if sampling_tree_arg == "auto":
             sampling_tree, sampling_note = tuning.sampling.tree, tuning.sampling.summary()
+            sampled_result = tuning.sampling
             print(f"• {sampling_note}", flush=True)
     elif head is not None and tree_arg == "auto":
         from engine.autotune.cache import load_or_tune_result
@@ -288,8 +303,12 @@ def main(argv: list[str] | None = None) -> int:
             t = step("Auto-tuning the draft tree for sampling at temperature 1 (cached after the first run)")
             tuned = load_or_tune_result(engine, progress=True, sampling=SamplingConfig(temperature=1.0))
             sampling_tree, sampling_note = tuned.tree, tuned.summary()
+            sampled_result = tuned
             done(t)
             print(f"• {sampling_note}", flush=True)
+    sampling_method, sampling_method_note = None, ""
+    if sampling_tree_arg == "auto" and sampled_result is not None and default_method != "vanilla":
+        sampling_method, sampling_method_note = sampled_method(sampled_result)
     if isinstance(sampling_tree_arg, TreeConfig):
         sampling_tree, sampling_note = sampling_tree_arg, f"{sampling_tree_arg.describe()}, set by --sampling-tree"
     if args.adaptive:
@@ -305,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.method != "auto":
         if args.method != "vanilla" and head is None:
             return fail(f"--method {args.method} needs a draft head (see --head)")
-        default_method = args.method
+        default_method, sampling_method = args.method, None
     try:
         examples = load_examples()
     except ValueError as err:
@@ -313,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     options = AppOptions(
         examples=examples, max_new_tokens=args.max_new_tokens, tree=tree, tree_note=tree_note,
         sampling_tree=sampling_tree, sampling_tree_note=sampling_note, default_method=default_method,
+        sampling_method=sampling_method, sampling_method_note=sampling_method_note,
         backend_note=backend_note,
     )
     lock = EngineLock()  # one generation at a time, shared by the UI and the OpenAI routes

@@ -63,7 +63,7 @@ class Handlers:
         self.engine = engine
         self.options = options
         self.lock = lock  # held while the engine runs, shared with the OpenAI routes (app/serial.py)
-        self.methods = available_methods(engine)
+        self.methods = available_methods(engine, options)
         self.ranges = sidebar_ranges(options)  # the sidebar's number fields: label and range
 
     # ---- chat ---------------------------------------------------------------------------------
@@ -101,7 +101,8 @@ class Handlers:
         keep = gr.update()
         ticket = None
         try:
-            config = ChatSettings(*settings).check(self.ranges).config(method)
+            checked = ChatSettings(*settings).check(self.ranges)
+            config = checked.config(self.options.method_for(method, checked.temperature))
             messages = build_messages(system_prompt, session_history(session.turns), message)
             ticket = self.lock.join()
             while not self.lock.wait(ticket, WAIT_POLL_S) and not cancel.is_set():
@@ -232,6 +233,8 @@ class Handlers:
         try:
             # One seed for both sides, so a sampled comparison differs only by method.
             seeded = ChatSettings(*settings).check(self.ranges).with_fixed_seed()
+            method_a, method_b = (self.options.method_for(m, seeded.temperature) for m in (method_a, method_b))
+            la, lb = method_label(method_a), method_label(method_b)
             configs = (seeded.config(method_a), seeded.config(method_b))
             note = MEASURED_NOTE.format(warmup=WARMUP_TOKENS, a=la, b=lb)
             with self.lock.hold(cancel) as held:
@@ -306,13 +309,15 @@ class Handlers:
         ) -> Iterator[str]:
             """Stream a reply to `message`, given earlier `history` as [{"role": "user"|"assistant", "content": str}].
 
-            Yields the reply text so far, once per update. method: eagle2, eagle1 or vanilla.
+            Yields the reply text so far, once per update. method: eagle2, eagle1 or vanilla (or auto where
+            the app offers it: the method measured fastest on this machine at that temperature).
             """
             try:
                 message = check_message(message, engine.context_length)
                 length = options.check_reply_length(max_new_tokens, "max_new_tokens")
                 sampling = dict(max_new_tokens=length, temperature=temperature, top_p=top_p, top_k=top_k)
-                config = ChatSettings.with_tree(options.tree_for(temperature), **sampling).config(method)
+                chosen = options.method_for(method, temperature)
+                config = ChatSettings.with_tree(options.tree_for(temperature), **sampling).config(chosen)
                 messages = build_messages(system_prompt, check_history(history or []), message)
                 cancel = threading.Event()  # set by app.pump when Gradio closes this stream early
                 with lock.hold(cancel):

@@ -5,7 +5,7 @@ the running app: `base_url="http://127.0.0.1:7860/v1"`. A completion is streamed
 (`"stream": true`) or returned whole. Besides OpenAI's fields, each response carries `"eagle"`: the method,
 τ (tokens committed per verify cycle), cycles, tokens/s, the backend, the tree and why the reply ended;
 streamed, it rides on the chunk that carries `finish_reason`. An extra request field `"method"` picks
-`eagle2`, `eagle1` or `vanilla` (default: the method the page opens with).
+`eagle2`, `eagle1` or `vanilla`, or `auto` where the page offers it (default: the method the page opens with).
 
 Invariants:
   - One generation at a time with the UI: every request holds the engine's `EngineLock` (app/serial.py)
@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app.chat import ReplyView, check_history, stream_reply
 from app.serial import EngineLock
-from app.settings import AppOptions, ChatSettings, available_methods
+from app.settings import AppOptions, ChatSettings, available_methods, opening_method
 from engine.config import GenerationConfig
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,8 @@ def parse_request(body, engine, options: AppOptions) -> ChatRequest:
     model = served_model(engine)
     if not isinstance(body.get("model"), str) or body["model"].lower() != model.lower():
         raise RequestError(f"model must be {model!r} (the model this app serves), got {body.get('model')!r}", "model")
-    methods = available_methods(engine)
-    default_method = options.default_method if options.default_method in methods else methods[0]
-    method = body.get("method", default_method)
+    methods = available_methods(engine, options)
+    method = body.get("method", opening_method(options, methods))
     if method not in methods:
         raise RequestError(f"method must be one of {', '.join(methods)}, got {method!r}", "method")
     if body.get("n", 1) != 1:
@@ -100,7 +99,7 @@ def parse_request(body, engine, options: AppOptions) -> ChatRequest:
     settings = ChatSettings.with_tree(
         options.tree_for(temperature), max_new_tokens=length, temperature=temperature, top_p=top_p, seed=seed
     )
-    config = replace(settings.config(method), stop=parse_stop(body.get("stop")))
+    config = replace(settings.config(options.method_for(method, temperature)), stop=parse_stop(body.get("stop")))
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f"stream must be true or false, got {stream!r}", "stream")

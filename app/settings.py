@@ -11,7 +11,10 @@ Pure: no Gradio, no torch.
 import random
 from dataclasses import dataclass, fields, replace
 
+from app.stats import method_label
 from engine.config import METHODS, GenerationConfig, SamplingConfig, TreeConfig
+
+AUTO = "auto"  # the method measured fastest here, per temperature (AppOptions.method_for)
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,10 @@ class AppOptions:
     sampling_tree: TreeConfig | None = None  # the tree for temperature > 0 (None: the same as `tree`)
     sampling_tree_note: str = ""
     default_method: str | None = None  # the method selected on load (None: EAGLE-2 when a head is loaded)
+    # What "auto" runs at temperature > 0 when this machine's measurement says it differs from
+    # default_method there (None: no "auto" choice, default_method at every temperature), and why.
+    sampling_method: str | None = None
+    sampling_method_note: str = ""
     backend_note: str = ""  # why this backend runs the target (launch.py's measurement), shown in the sidebar
 
     def check_reply_length(self, value, name: str) -> int:
@@ -37,6 +44,17 @@ class AppOptions:
         if not 1 <= value <= self.max_new_tokens_limit:
             raise ValueError(f"{name} must be between 1 and {self.max_new_tokens_limit}, got {value}")
         return value
+
+    def method_for(self, method: str, temperature) -> str:
+        """The method a request runs: "auto" is default_method when greedy and sampling_method when sampling."""
+        if method != AUTO:
+            return method
+        sampled = samples(temperature) and self.sampling_method is not None
+        return self.sampling_method if sampled else self.default_method or "eagle2"
+
+    def auto_label(self) -> str:
+        greedy, sampled = method_label(self.default_method or "eagle2"), method_label(self.sampling_method or "")
+        return f"Auto: {greedy.split(' (')[0]} at temperature 0, {sampled.split(' (')[0]} above (measured here)"
 
     def tree_for(self, temperature) -> TreeConfig:
         """The default tree for a temperature: the sampling tree when sampling and one was given."""
@@ -163,9 +181,21 @@ def make_config(
     return ChatSettings(*values).config(method)
 
 
-def available_methods(engine) -> list[str]:
-    """The methods this engine can run, the preferred first (vanilla alone when no head is loaded)."""
-    return ["vanilla"] if engine.head is None else ["eagle2", "eagle1", "vanilla"]
+def available_methods(engine, options: AppOptions | None = None) -> list[str]:
+    """The methods this engine can run, the preferred first (vanilla alone when no head is loaded);
+    "auto" first when the options choose another method for sampling than for greedy decoding."""
+    if engine.head is None:
+        return ["vanilla"]
+    auto = options is not None and options.sampling_method not in (None, options.default_method)
+    return [AUTO] * auto + ["eagle2", "eagle1", "vanilla"]
+
+
+def opening_method(options: AppOptions, methods: list[str]) -> str:
+    """The method a page opens with (and an API request without one runs): "auto" where it is offered,
+    else the options' default method when available, else the first."""
+    if methods[0] == AUTO or options.default_method not in methods:
+        return methods[0]
+    return options.default_method
 
 
 def samples(temperature) -> bool:

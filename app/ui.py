@@ -18,7 +18,7 @@ from app.chat import ChatSession
 from app.compare import EXACT_BACKENDS, pane
 from app.handlers import Handlers
 from app.serial import EngineLock
-from app.settings import AppOptions, ChatSettings
+from app.settings import AUTO, AppOptions, ChatSettings, opening_method
 from app.stats import method_label
 from app.tree_svg import LEGEND, empty_panel
 
@@ -107,8 +107,8 @@ def build_ui(engine, options: AppOptions | None = None, lock: EngineLock | None 
     options = options or AppOptions()
     h = Handlers(engine, options, lock or EngineLock())
     methods = h.methods
-    choices = [(method_label(m), m) for m in methods]
-    first = options.default_method if options.default_method in methods else methods[0]
+    choices = [(options.auto_label() if m == AUTO else method_label(m), m) for m in methods]
+    first = opening_method(options, methods)
     ranges = h.ranges
 
     def slider(name: str, value, **kw) -> gr.Slider:  # bounds and label from the one table of ranges
@@ -138,6 +138,9 @@ def build_ui(engine, options: AppOptions | None = None, lock: EngineLock | None 
             if options.backend_note:
                 backend = html.escape(options.backend_note)
                 gr.Markdown(f"<small>Measured on this CPU: {backend}</small>", elem_id="backend-note")
+            if AUTO in methods and options.sampling_method_note:
+                note = html.escape(options.sampling_method_note)
+                gr.Markdown(f"<small>{note}</small>", elem_id="method-note")
             with gr.Accordion("Draft tree", open=True):
                 gr.Markdown(tree_values_note(options), elem_id="tree-note", elem_classes=["small-note"])
                 t = options.tree

@@ -42,6 +42,9 @@ DOMINATED = 1.25  # ... when it is at least this much slower than another candid
 # EAGLE-2 is the default method where plain EAGLE-2 (no prompt-lookup branch) is expected to be at least
 # this much faster than vanilla decoding; the app's lookup branch comes on top of that estimate.
 MARGIN = 1.0
+# At temperature > 0 the app drafts by default only where the tuned sampling tree is expected to beat vanilla
+# by this much: the expectation leaves out the prompt-lookup branch's nodes, which rarely match when sampling.
+SAMPLED_MARGIN = 1.2
 
 
 def spec_for(backend: str, spec: ModelSpec) -> ModelSpec:

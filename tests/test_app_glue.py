@@ -437,3 +437,20 @@ def test_tree_sliders_follow_the_temperature_until_the_user_moves_them():
     assert tree_for_temperature(0.7, 20, 5, 6, greedy, sampling) == (20, 5, 6)  # a tree the user set stays
     assert tree_for_temperature(0.0, 20, 5, 6, greedy, sampling) == (20, 5, 6)
     assert tree_for_temperature(0.7, 8, 4, 4, greedy, None) == (8, 4, 4)  # no sampling tree: no switch
+
+
+def test_auto_method_is_offered_only_where_sampling_was_measured_to_differ():
+    from types import SimpleNamespace
+
+    from app.settings import AppOptions, available_methods, opening_method
+
+    engine = SimpleNamespace(head=object())
+    measured = AppOptions(default_method="eagle2", sampling_method="vanilla")
+    methods = available_methods(engine, measured)
+    assert methods == ["auto", "eagle2", "eagle1", "vanilla"] and opening_method(measured, methods) == "auto"
+    assert measured.auto_label() == "Auto: EAGLE-2 at temperature 0, Vanilla above (measured here)"
+    assert [measured.method_for("auto", t) for t in (0, 0.0, 0.3, 1)] == ["eagle2", "eagle2", "vanilla", "vanilla"]
+    assert measured.method_for("eagle1", 1) == "eagle1"
+    same = AppOptions(default_method="eagle2", sampling_method="eagle2")
+    assert available_methods(engine, same) == ["eagle2", "eagle1", "vanilla"] == available_methods(engine)
+    assert available_methods(SimpleNamespace(head=None), measured) == ["vanilla"]

@@ -81,3 +81,13 @@ def test_a_busy_port_is_refused_before_the_model_loads(capsys):
     assert f"cannot serve on 127.0.0.1:{port}" in err and "pick another --port" in err
     assert "Loading" not in out  # refused before the libraries, let alone the model
     assert launch.port_problem("127.0.0.1", port) is None  # free again once closed
+
+
+def test_sampling_runs_vanilla_where_the_tuned_sampling_tree_does_not_pay():
+    from types import SimpleNamespace
+
+    from engine.backend import SAMPLED_MARGIN
+
+    method, note = launch.sampled_method(SimpleNamespace(speedup=SAMPLED_MARGIN - 0.05))
+    assert method == "vanilla" and f"{SAMPLED_MARGIN - 0.05:.2f}x vanilla" in note
+    assert launch.sampled_method(SimpleNamespace(speedup=SAMPLED_MARGIN)) == (None, "")

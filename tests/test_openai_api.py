@@ -276,3 +276,19 @@ def test_the_lock_serves_in_order_and_skips_who_left():
     lock.leave(third)
     with lock.hold(threading.Event()) as held:
         assert held
+
+
+def test_auto_runs_the_method_measured_fastest_at_each_temperature():
+    """Where launch.py measured that sampled drafting does not pay, "auto" (the default) runs vanilla at
+    temperature > 0 and EAGLE-2 at 0; a method named in the request runs as named."""
+    engine = tiny_engine()
+    options = AppOptions(default_method="eagle2", sampling_method="vanilla", sampling_method_note="measured")
+    body = {"model": "llama", "messages": HELLO[1:]}
+    assert parse_request({**body, "temperature": 0}, engine, options).config.method == "eagle2"
+    assert parse_request({**body, "temperature": 0.7}, engine, options).config.method == "vanilla"
+    assert parse_request({**body, "temperature": 0.7, "method": "eagle2"}, engine, options).config.method == "eagle2"
+    assert parse_request({**body, "temperature": 0.7, "method": "auto"}, engine, options).config.method == "vanilla"
+    plain = AppOptions(default_method="eagle2")  # no measured difference: no "auto", EAGLE-2 at every temperature
+    assert parse_request({**body, "temperature": 0.7}, engine, plain).config.method == "eagle2"
+    with pytest.raises(RequestError, match="method must be one of eagle2, eagle1, vanilla, got 'auto'"):
+        parse_request({**body, "method": "auto"}, engine, plain)
