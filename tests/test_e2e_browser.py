@@ -382,6 +382,7 @@ def test_how_to_read_and_the_tree_values_are_one_click_away(tiny, browser):
         note = page.inner_text("#tree-note")
         assert "12 tokens, depth 4, top-k 4" in note and "5 tokens, depth 2, top-k 3" in note
         page.click("#how-to-read button")
+        page.locator("#how-to-read").get_by_text("Each cycle", exact=False).wait_for(timeout=10_000)  # it opens
         text = page.inner_text("#how-to-read")
         for term in ("Each cycle", "Accepted path", "Bonus token", "τ", "verify ms/cycle", "␣"):
             assert term in text, term
