@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     sampling_method, sampling_method_note = None, ""
     if sampling_tree_arg == "auto" and sampled_result is not None and default_method != "vanilla":
         sampling_method, sampling_method_note = sampled_method(sampled_result)
+        if sampling_method_note:
+            print(f"• {sampling_method_note}", flush=True)
     if isinstance(sampling_tree_arg, TreeConfig):
         sampling_tree, sampling_note = sampling_tree_arg, f"{sampling_tree_arg.describe()}, set by --sampling-tree"
     if args.adaptive:
