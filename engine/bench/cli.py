@@ -65,10 +65,13 @@ def measured_engine(args):
     return engine, str(path), tuning
 
 
-def gguf_of(args) -> str | None:
-    """The GGUF file the target comes from (llama_cpp runs it): the default model's, or --model FILE.gguf."""
+def gguf_of(args, names: list[str]) -> str | None:
+    """The GGUF file the target comes from, for the llama_cpp method: the default model's, or --model
+    FILE.gguf; None when llama_cpp is not among `names` (finding the default's may download it)."""
     from engine.models import default_gguf
 
+    if "llama_cpp" not in names:
+        return None
     if args.model is None:
         return str(default_gguf(progress=False))
     return args.model if str(args.model).endswith(".gguf") else None
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resuming: {len(done)} answer(s) reused from {checkpoint.path}", file=sys.stderr)
     checkpoint.start(done)
     results = run_benchmark(
-        engine, build_methods(engine, names, gguf_of(args)), questions, settings, not args.no_progress, memory, done,
+        engine, build_methods(engine, names, gguf_of(args, names)), questions, settings, not args.no_progress, memory, done,
         checkpoint.record,
     )
 
