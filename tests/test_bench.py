@@ -339,3 +339,18 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(saved_tiny, tmp_path, mo
     ]
     assert report["config"]["resumed_answers"] == 3 and not partial.exists()
     assert all(r["new_tokens"] > 0 for r in report["results"])
+
+
+def test_the_gguf_is_looked_up_only_for_llama_cpp(monkeypatch):
+    """Finding the default model's GGUF may download it: a run without llama_cpp must not ask (an offline
+    GPU machine has no registry)."""
+    from types import SimpleNamespace
+
+    import engine.models
+    from engine.bench.cli import gguf_of
+
+    asked = []
+    monkeypatch.setattr(engine.models, "default_gguf", lambda progress=False: asked.append(1) or "model.gguf")
+    assert gguf_of(SimpleNamespace(model=None), ["vanilla", "eagle2"]) is None and not asked
+    assert gguf_of(SimpleNamespace(model=None), ["vanilla", "llama_cpp"]) == "model.gguf" and asked
+    assert gguf_of(SimpleNamespace(model="m.gguf"), ["llama_cpp"]) == "m.gguf"

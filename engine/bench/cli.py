@@ -170,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     if done:
         print(f"resuming: {len(done)} answer(s) reused from {checkpoint.path}", file=sys.stderr)
     checkpoint.start(done)
+    methods = build_methods(engine, names, gguf_of(args, names))
     results = run_benchmark(
-        engine, build_methods(engine, names, gguf_of(args, names)), questions, settings, not args.no_progress, memory, done,
-        checkpoint.record,
+        engine, methods, questions, settings, not args.no_progress, memory, done, checkpoint.record,
     )
 
     dtype, quantization = checkpoint.settings["dtype"], checkpoint.settings["quantization"]
