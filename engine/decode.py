@@ -30,7 +30,7 @@ from engine.head import DraftHead, Eagle3Head
 from engine.kv import commit_path, new_cache
 from engine.lookup import NGRAMS, graft, lookup_chain
 from engine.models import backend_name
-from engine.tree import EAGLE1_DEFAULT_TREE, StaticPlan, Tree, root_only, static_plan
+from engine.tree import EAGLE1_DEFAULT_TREE, StaticPlan, Tree, bucket, padded, root_only, static_plan
 from engine.verify import accept, draw_tokens, target_forward, tree_attention_mask
 
 SCORE_SCALE = 10_000  # scores travel to the host packed as integers, with 4 decimals
@@ -108,15 +108,19 @@ class Engine:
     def __init__(
         self, model, tokenizer, head: DraftHead | Eagle3Head | None = None, static_tree=EAGLE1_DEFAULT_TREE,
         prune: bool | None = None, lookup_ngrams: tuple[int, ...] = NGRAMS,
+        verify_buckets: tuple[int, ...] | None = None,
     ):  # fmt: skip
         """`prune`: the EAGLE-2 drafter's early stop (engine/draft.py); None: on a CPU only.
-        `lookup_ngrams`: the n-gram lengths the prompt-lookup branch matches, longest first (engine/lookup.py)."""
+        `lookup_ngrams`: the n-gram lengths the prompt-lookup branch matches, longest first (engine/lookup.py).
+        `verify_buckets`: tree sizes the verify forward is padded to (engine/tree.py `padded`), so that it
+        runs a few fixed shapes, as captured GPU graphs need; None: every tree at its own size."""
         self.model = model
         self.tokenizer = tokenizer
         self.head = head
         self.static_tree = static_tree
         self.prune = prune
         self.lookup_ngrams = lookup_ngrams
+        self.verify_buckets = verify_buckets
         weight = model.get_output_embeddings().weight
         self.device = weight.device
         self.dtype = model.get_input_embeddings().weight.dtype
@@ -257,10 +261,13 @@ class Engine:
         tree, lookup_from, chain, kind, feed = self._draft(state, config, drafter, plan)
         head_fed = kind is DraftKind.HEAD
         t1 = self.stopwatch.mark()
-        positions = state.past_len + tree.depths  # (n,)
+        n = tree.size
+        shaped = tree if self.verify_buckets is None else padded(tree, bucket(n, self.verify_buckets))
+        positions = state.past_len + shaped.depths  # (n,)
         # a lone root attends to everything before it: plain causal decoding needs no mask
-        mask = tree_attention_mask(tree, state.past_len, self.dtype) if tree.size > 1 else None
-        features, logits = target_forward(self.model, tree.tokens, positions, mask, state.cache, capture=self.capture)
+        mask = tree_attention_mask(shaped, state.past_len, self.dtype) if shaped.size > 1 else None
+        features, logits = target_forward(self.model, shaped.tokens, positions, mask, state.cache, capture=self.capture)
+        features, logits = features[:n], logits[:n]  # padding rows, if any, are dropped unread
         drawn = draw_tokens(logits, config.sampling, generator)  # (n,)
         best = accept(tree, drawn)  # ()
         packed = torch.cat(  # one host sync for everything the event and the commit need
@@ -280,7 +287,7 @@ class Engine:
         tokens = packed[d + 1 : d + 1 + n]
         accepted = len(path)
         path_t = tree.paths[best][:accepted]  # (a,)
-        if tree.size > 1:  # a lone root's entry is already in place
+        if shaped.size > 1:  # a lone root's entry is already in place
             commit_path(state.cache, state.past_len, path_t)
         state.past_len += accepted
         state.pending = drawn[best]

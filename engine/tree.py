@@ -190,3 +190,33 @@ def static_plan(choices=EAGLE1_DEFAULT_TREE, depth: int = 32, total_tokens: int 
         steps.append(StaticStep(tuple(fed), tuple(fed_mask), tuple(children), tuple(rows), ranks))
     top_k = 1 + max((p[-1] for p in kept), default=0)
     return StaticPlan(parents, depths, tuple(steps), top_k)
+
+
+def bucket(size: int, buckets: tuple[int, ...]) -> int:
+    """The smallest of `buckets` that holds `size` nodes (`size` itself past the largest)."""
+    return next((b for b in sorted(buckets) if b >= size), size)
+
+
+def padded(tree: Tree, size: int) -> Tree:
+    """`tree` with padding nodes appended up to `size`, for a verify of fixed shape (engine/decode.py).
+
+    A padding node repeats the root's token at the root's position (depth 0) and sees the committed
+    context and itself only; no real node sees it, so the real nodes' results do not change. It is never
+    accepted: acceptance keeps the deepest matching node, and a depth-0 node never beats the root."""
+    n = tree.size
+    if size <= n:
+        return tree
+    extra, dev = size - n, tree.tokens.device
+    ancestors = torch.zeros(size, size, dtype=torch.bool, device=dev)
+    ancestors[:n, :n] = tree.ancestors
+    ancestors[n:, n:] = torch.eye(extra, dtype=torch.bool, device=dev)
+    pad_paths = torch.full((extra, tree.paths.shape[1]), -1, dtype=torch.long, device=dev)
+    pad_paths[:, 0] = torch.arange(n, size, device=dev)
+    return Tree(
+        tokens=torch.cat([tree.tokens, tree.tokens[:1].expand(extra)]),
+        parents=torch.cat([tree.parents, torch.full((extra,), -1, dtype=torch.long, device=dev)]),
+        depths=torch.cat([tree.depths, torch.zeros(extra, dtype=torch.long, device=dev)]),
+        scores=torch.cat([tree.scores, torch.full((extra,), float("-inf"), dtype=tree.scores.dtype, device=dev)]),
+        ancestors=ancestors,
+        paths=torch.cat([tree.paths, pad_paths]),
+    )
