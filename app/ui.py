@@ -107,7 +107,10 @@ def build_ui(engine, options: AppOptions | None = None, lock: EngineLock | None 
     options = options or AppOptions()
     h = Handlers(engine, options, lock or EngineLock())
     methods = h.methods
-    choices = [(options.auto_label() if m == AUTO else method_label(m), m) for m in methods]
+    def label(m: str) -> str:
+        return options.auto_label() if m == AUTO else method_label(m)
+
+    choices = [(label(m), m) for m in methods]
     first = opening_method(options, methods)
     ranges = h.ranges
 
@@ -218,7 +221,7 @@ def build_ui(engine, options: AppOptions | None = None, lock: EngineLock | None 
                     cmp_replay = gr.Button("Replay", elem_id="cmp-replay")
                 with gr.Row(equal_height=True):
                     pane_a = gr.HTML(pane(None, method_label("vanilla"), "idle"), elem_id="pane-a", js_on_load=None)
-                    pane_b = gr.HTML(pane(None, method_label(methods[0]), "idle"), elem_id="pane-b", js_on_load=None)
+                    pane_b = gr.HTML(pane(None, label(methods[0]), "idle"), elem_id="pane-b", js_on_load=None)
                 cmp_summary = gr.Markdown(elem_id="cmp-summary")
                 if options.examples:
                     gr.Examples([[e] for e in options.examples], inputs=[cmp_prompt], label="Example prompts")
