@@ -6,7 +6,8 @@ snapshots the UI can draw. `handlers.py` calls these from the Gradio events; tes
 
 Invariants:
   - A turn is added to the history only when its reply ends (finished, stopped or cut by a limit); a
-    request that fails leaves the history exactly as it was.
+    request that fails leaves the history exactly as it was, and a stopped regeneration leaves the turn it
+    was replacing.
   - The prompt always goes through the model's chat template (`engine.chat_ids`); a conversation too
     long for the context loses its oldest turns (`engine.trim_messages`) and the reply carries a notice
     saying how many messages were left out.
@@ -49,7 +50,7 @@ class ChatSession:
         self.active = False  # a request of this session is queued or running
         self.pending: str | None = None  # the user message waiting for its reply
         self.kind = ""  # what the active request is: "chat" or "compare" (each tab's Stop stops its own)
-        self.replacing: Turn | None = None  # the turn a regeneration replaces, given back if it does not run
+        self.replacing: Turn | None = None  # the turn a regeneration replaces, given back if it is stopped
 
     def __deepcopy__(self, memo: dict) -> "ChatSession":
         # gr.State deep-copies its initial value for every new browser session; a copy gets its own
@@ -73,7 +74,7 @@ class ChatSession:
             self.active, self.pending, self.replacing = False, None, None
 
     def give_back(self) -> None:
-        """The request did not run: the turn a regeneration was replacing returns to the history."""
+        """The request did not run or was stopped: the turn a regeneration was replacing returns to the history."""
         if self.replacing is not None:
             self.turns.append(self.replacing)
             self.replacing = None

@@ -133,6 +133,12 @@ class Handlers:
                 stopped = "Stopped before it started: your message is back in the box."
                 yield message, chatbot_messages(session.turns, tint), session, keep, stopped, "", keep
                 return
+            if view.finish_reason == "cancelled" and session.replacing is not None:  # a regeneration stopped
+                session.give_back()  # the earlier reply, and its tree, come back; the partial one is dropped
+                tree = render_cycle(session.cycles[-1], self.engine.token_texts) if session.cycles else empty_panel()
+                back, chat = f"{status_line(view)}; the earlier reply is back", chatbot_messages(session.turns, tint)
+                yield keep, chat, session, tree, back, "", cycle_slider(len(session.cycles))
+                return
             session.turns.append(Turn(message, view.text, view.pieces, finish_note(view)))
             session.cycles = view.cycles
             if view.notice:

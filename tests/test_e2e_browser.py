@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -111,11 +112,20 @@ def open_page(browser, url: str, width: int = 1600, height: int = 1100):
     return page
 
 
+@contextmanager
+def opened(browser, url: str, width: int = 1600, height: int = 1100):
+    """`open_page`, closed when the block ends, whatever happens in it."""
+    page = open_page(browser, url, width, height)
+    try:
+        yield page
+    finally:
+        page.close()
+
+
 @pytest.fixture(scope="module")
 def page(server, browser):
-    page = open_page(browser, server)
-    yield page
-    page.close()
+    with opened(browser, server) as page:
+        yield page
 
 
 def caption_cycle(page) -> int:
@@ -231,15 +241,12 @@ def test_header_names_the_backend_and_its_promise(page):
 
 def test_chat_tree_and_stats_fit_a_1280x800_window(server, browser):
     """The README's screenshot: one reply at 1280x800, with the chat, the tree and the stats in view."""
-    page = open_page(browser, server, 1280, 800)
-    try:
+    with opened(browser, server, 1280, 800) as page:
         send(page, "Write three short sentences about the sea.")
         wait_done(page, REPLY_TIMEOUT_MS)
         page.wait_for_selector("#tree-panel svg.draft-tree", timeout=30_000)
         assert_in_view(page, 1280, 800, "#chatbot", "#tree-panel", "#stats", ".tree-legend", "#how-to-read")
         page.screenshot(path=str(OUT / "chat-1280x800.png"))  # docs/screenshots/chat.png is a copy
-    finally:
-        page.close()
 
 
 # ---- the same page on the tiny model, served in-process ----------------------------------------------
@@ -348,8 +355,7 @@ def given_history(messages: list[dict]) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("width,height", [(1400, 900), (1280, 800), (1024, 768), (390, 844)])
 def test_layout_at_each_window_size(tiny, browser, width, height):
     url, _ = tiny
-    page = open_page(browser, url, width, height)
-    try:
+    with opened(browser, url, width, height) as page:
         send(page, "hello")
         wait_done(page)
         page.evaluate("() => window.scrollTo(0, 0)")
@@ -371,14 +377,11 @@ def test_layout_at_each_window_size(tiny, browser, width, height):
         for dropdown in ("#method-a input", "#method-b input"):
             clipped = page.evaluate(CLIPPED, dropdown)
             assert not clipped, f"{dropdown} truncates {page.input_value(dropdown)!r} at {width} px"
-    finally:
-        page.close()
 
 
 def test_how_to_read_and_the_tree_values_are_one_click_away(tiny, browser):
     url, _ = tiny
-    page = open_page(browser, url, 1280, 800)
-    try:
+    with opened(browser, url, 1280, 800) as page:
         note = page.inner_text("#tree-note")
         assert "12 tokens, depth 4, top-k 4" in note and "5 tokens, depth 2, top-k 3" in note
         page.click("#how-to-read button")
@@ -386,15 +389,12 @@ def test_how_to_read_and_the_tree_values_are_one_click_away(tiny, browser):
         text = page.inner_text("#how-to-read")
         for term in ("Each cycle", "Accepted path", "Bonus token", "τ", "verify ms/cycle", "␣"):
             assert term in text, term
-    finally:
-        page.close()
 
 
 def test_an_out_of_range_number_is_named_and_still_switches_the_tree(tiny, browser):
     """The page puts the nearest end of the range in the box; a message names the field, range, value."""
     url, given = tiny
-    page = open_page(browser, url, 1280, 800)
-    try:
+    with opened(browser, url, 1280, 800) as page:
         set_slider(page, "temperature", "5")
         said = "Temperature must be between 0 and 2, got 5; it is set to 2"
         page.locator(".toast-body", has_text=said).first.wait_for(timeout=15_000)
@@ -407,14 +407,11 @@ def test_an_out_of_range_number_is_named_and_still_switches_the_tree(tiny, brows
         set_slider(page, "max-new", "100000")
         said = "Max new tokens must be between 1 and 2048, got 100000; it is set to 2048"
         page.locator(".toast-body", has_text=said).first.wait_for(timeout=15_000)
-    finally:
-        page.close()
 
 
 def test_clear_while_streaming_stays_cleared_and_the_next_send_works(tiny, browser):
     url, given = tiny
-    page = open_page(browser, url, 1280, 800)
-    try:
+    with opened(browser, url, 1280, 800) as page:
         send(page, "first question")
         page.locator("#chatbot .bot-row").first.wait_for(timeout=30_000)
         page.click("#clear")
@@ -430,14 +427,11 @@ def test_clear_while_streaming_stays_cleared_and_the_next_send_works(tiny, brows
         wait_reply(page, 2)
         shown = screen_history(page)
         assert given_history(given[-1]) == shown[:-1]  # what the model is given is what the page shows
-    finally:
-        page.close()
 
 
 def test_stop_takes_a_queued_request_out_of_the_line_at_once(tiny, browser):
     url, given = tiny
-    first, second = open_page(browser, url, 1280, 800), open_page(browser, url, 1280, 800)
-    try:
+    with opened(browser, url, 1280, 800) as first, opened(browser, url, 1280, 800) as second:
         send(first, "a long reply please")
         first.locator("#chatbot .bot-row").first.wait_for(timeout=30_000)
         send(second, "me too")
@@ -451,15 +445,11 @@ def test_stop_takes_a_queued_request_out_of_the_line_at_once(tiny, browser):
         assert second.input_value("#msg textarea") == "me too" and screen_history(second) == []
         wait_done(first)
         assert "stopped" not in first.inner_text("#stats") and len(given) == count
-    finally:
-        first.close()
-        second.close()
 
 
 def test_the_compare_tabs_stop_never_stops_a_chat_reply(tiny, browser):
     url, _ = tiny
-    page = open_page(browser, url, 1280, 800)
-    try:
+    with opened(browser, url, 1280, 800) as page:
         send(page, "keep going")
         page.locator("#chatbot .bot-row").first.wait_for(timeout=30_000)
         page.get_by_role("tab", name="Compare").click()
@@ -467,14 +457,11 @@ def test_the_compare_tabs_stop_never_stops_a_chat_reply(tiny, browser):
         page.get_by_role("tab", name="Chat").click()
         stats = wait_done(page)
         assert "stopped" not in stats and "stopped" not in page.inner_text("#chatbot")
-    finally:
-        page.close()
 
 
 def test_a_stopped_comparison_labels_its_panes_stopped(tiny, browser):
     url, _ = tiny
-    page = open_page(browser, url, 1280, 800)
-    try:
+    with opened(browser, url, 1280, 800) as page:
         page.get_by_role("tab", name="Compare").click()
         page.fill("#cmp-prompt textarea", "compare these")
         page.click("#cmp-run")
@@ -488,5 +475,54 @@ def test_a_stopped_comparison_labels_its_panes_stopped(tiny, browser):
         for pane in ("#pane-a", "#pane-b"):
             assert page.inner_text(f"{pane} .pane-status") == "stopped"
         assert "stopped" in page.inner_text("#cmp-summary")
-    finally:
-        page.close()
+
+
+STREAMING = (  # a reply has text on screen and has not ended (before, the stats line ends '— <why>')
+    "n => document.querySelectorAll('#chatbot .bot-row').length == n "
+    "&& !document.querySelector('#stats').innerText.includes('—')"
+)
+
+
+def test_regenerate_then_stop_while_it_streams_brings_the_earlier_reply_back(tiny, browser):
+    url, given = tiny
+    with opened(browser, url, 1280, 800) as page:
+        send(page, "tell me a story")
+        wait_reply(page, 1)
+        earlier = screen_history(page)
+        count = len(given)
+        page.click("#regenerate")
+        page.wait_for_function(STREAMING, arg=1, timeout=30_000)
+        assert len(given) > count, "the regeneration should be running"
+        page.click("#stop")
+        assert "stopped" in wait_done(page)
+        time.sleep(3 * SLOW_S)  # nothing draws the stopped reply afterwards
+        assert screen_history(page) == earlier, "the stopped regeneration replaced the earlier reply"
+        assert "stopped" not in page.inner_text("#chatbot")
+        send(page, "and then")
+        wait_reply(page, 2)
+        assert given_history(given[-1]) == screen_history(page)[:-1]  # what the model is given is on screen
+        assert given_history(given[-1]) == earlier + [("user", "and then")]
+
+
+def test_stop_takes_a_queued_regeneration_out_of_the_line_and_the_earlier_reply_is_back(tiny, browser):
+    url, given = tiny
+    with opened(browser, url, 1280, 800) as first, opened(browser, url, 1280, 800) as second:
+        send(second, "a question")
+        wait_reply(second, 1)
+        earlier = screen_history(second)
+        send(first, "a long reply please")
+        first.locator("#chatbot .bot-row").first.wait_for(timeout=30_000)
+        second.click("#regenerate")
+        second.wait_for_function("() => document.querySelector('#stats').innerText.includes('Waiting for the engine')")
+        count = len(given)
+        second.click("#stop")
+        second.wait_for_function(
+            "() => document.querySelector('#stats').innerText.includes('Stopped before it started')", timeout=5_000
+        )
+        assert "—" not in first.inner_text("#stats"), "the first reply should still be streaming"
+        assert screen_history(second) == earlier
+        wait_done(first)
+        assert "stopped" not in first.inner_text("#stats") and len(given) == count  # it never reached the model
+        send(second, "and then")
+        wait_reply(second, 2)
+        assert given_history(given[-1]) == earlier + [("user", "and then")] == screen_history(second)[:-1]
