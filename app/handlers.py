@@ -129,7 +129,12 @@ class Handlers:
                 yield self._cleared(session, tint)
                 return
             if view is None or (view.finish_reason == "cancelled" and not view.cycles):  # stopped before it ran
+                regenerating = session.replacing is not None
                 session.give_back()
+                if regenerating:  # its message is still in the history: the box stays as the user left it
+                    stopped = "Stopped before it started: the earlier reply is back."
+                    yield keep, chatbot_messages(session.turns, tint), session, keep, stopped, "", keep
+                    return
                 stopped = "Stopped before it started: your message is back in the box."
                 yield message, chatbot_messages(session.turns, tint), session, keep, stopped, "", keep
                 return

@@ -521,6 +521,8 @@ def test_stop_takes_a_queued_regeneration_out_of_the_line_and_the_earlier_reply_
         )
         assert "—" not in first.inner_text("#stats"), "the first reply should still be streaming"
         assert screen_history(second) == earlier
+        assert "earlier reply is back" in second.inner_text("#stats")
+        assert second.input_value("#msg textarea") == ""  # its message is in the history, not back in the box
         wait_done(first)
         assert "stopped" not in first.inner_text("#stats") and len(given) == count  # it never reached the model
         send(second, "and then")
