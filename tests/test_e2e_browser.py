@@ -429,19 +429,25 @@ def test_clear_while_streaming_stays_cleared_and_the_next_send_works(tiny, brows
         assert given_history(given[-1]) == shown[:-1]  # what the model is given is what the page shows
 
 
+def stop_while_waiting(waiting, streaming) -> None:
+    """Stop `waiting`'s request while it waits for the engine behind `streaming`'s reply: it must leave at
+    once, and the other reply must go on streaming."""
+    waiting.wait_for_function("() => document.querySelector('#stats').innerText.includes('Waiting for the engine')")
+    waiting.click("#stop")
+    waiting.wait_for_function(
+        "() => document.querySelector('#stats').innerText.includes('Stopped before it started')", timeout=5_000
+    )
+    assert "—" not in streaming.inner_text("#stats"), "the other reply should still be streaming"
+
+
 def test_stop_takes_a_queued_request_out_of_the_line_at_once(tiny, browser):
     url, given = tiny
     with opened(browser, url, 1280, 800) as first, opened(browser, url, 1280, 800) as second:
         send(first, "a long reply please")
         first.locator("#chatbot .bot-row").first.wait_for(timeout=30_000)
         send(second, "me too")
-        second.wait_for_function("() => document.querySelector('#stats').innerText.includes('Waiting for the engine')")
         count = len(given)
-        second.click("#stop")
-        second.wait_for_function(
-            "() => document.querySelector('#stats').innerText.includes('Stopped before it started')", timeout=5_000
-        )
-        assert "—" not in first.inner_text("#stats"), "the first reply should still be streaming"
+        stop_while_waiting(second, first)
         assert second.input_value("#msg textarea") == "me too" and screen_history(second) == []
         wait_done(first)
         assert "stopped" not in first.inner_text("#stats") and len(given) == count
@@ -513,13 +519,8 @@ def test_stop_takes_a_queued_regeneration_out_of_the_line_and_the_earlier_reply_
         send(first, "a long reply please")
         first.locator("#chatbot .bot-row").first.wait_for(timeout=30_000)
         second.click("#regenerate")
-        second.wait_for_function("() => document.querySelector('#stats').innerText.includes('Waiting for the engine')")
         count = len(given)
-        second.click("#stop")
-        second.wait_for_function(
-            "() => document.querySelector('#stats').innerText.includes('Stopped before it started')", timeout=5_000
-        )
-        assert "—" not in first.inner_text("#stats"), "the first reply should still be streaming"
+        stop_while_waiting(second, first)
         assert screen_history(second) == earlier
         assert "earlier reply is back" in second.inner_text("#stats")
         assert second.input_value("#msg textarea") == ""  # its message is in the history, not back in the box
