@@ -31,29 +31,38 @@ model and is skipped then. No step asserts a speed: this measures, the tests che
 """
 
 import argparse
-import gc
 import json
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from scripts.gpu_measure import (
+    LOOKUP,
+    SHAPES,
+    IdsTokenizer,
+    default_model_cached,
+    environment,
+    free_memory,
+    generation,
+    hf_static,
+    load_subject,
+    model_argument,
+    quantize_nf4,
+    random_head,
+    split_of,
+    synthetic_model,
+    verify_curve,
+)
+from scripts.gpu_report import bench_md, lossless_md, probe_md, profile_md, render, verify_md
 
 DEFAULT_QUESTIONS = Path("../shared/data/benchmarks/spec_bench/question.jsonl")  # from the repository root
 BENCH_METHODS = ("vanilla", "eagle2", "eagle2_lookup", "hf_generate")
 VERIFY_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 PROBE_SIZES = (1, 2, 4, 8, 16, 32, 64)
-LOOKUP = 10  # the app's prompt-lookup branch (--lookup 10)
-SHAPES = {  # random-weight Llama configs: the probe's and the stand-in's
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, rope_theta=10000.0),
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -104,159 +113,7 @@ class StepTimeout(BaseException):  # not an Exception: library code catching Exc
     pass
 
 
-@dataclass
-class Subject:
-    """A loaded engine and what to feed it: real chat prompts, or random ids for a stand-in."""
-
-    engine: object
-    prompts: list[list[int]]
-    context: list[int]  # about `Sizes.context` tokens before a verify-cost curve
-    label: str
-
-
-class IdsTokenizer:
-    """What the engine needs of a tokenizer for a random-weight model: no end-of-sequence, no text."""
-
-    eos_token_id = None
-
-    def decode(self, ids, **kwargs) -> str:
-        return ""
-
-
 # ---- models -------------------------------------------------------------------------------------
-
-
-def synthetic_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """A random-weight Llama of SHAPES[shape], built directly on `device` (an 8B model never touches the host)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from engine.lean import attach_lean
-
-    dims = dict(SHAPES[shape])
-    theta = dims.pop("rope_theta")
-    config = LlamaConfig(
-        **dims, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default",
-        "rope_theta": theta}, bos_token_id=None, eos_token_id=None, pad_token_id=None, attn_implementation="sdpa",
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
-    model.generation_config.eos_token_id = None  # speed-only: every reply runs its full length
-    model.generation_config.pad_token_id = 0
-    if device.type == "cpu":  # what load_target does on a CPU
-        attach_lean(model)
-    return model
-
-
-def random_head(model):
-    from engine.head import DraftHead, head_config_for
-
-    weight = model.get_output_embeddings().weight
-    return DraftHead(head_config_for(model)).to(device=weight.device, dtype=torch.bfloat16 if not
-                                                weight.is_floating_point() else weight.dtype).eval()  # fmt: skip
-
-
-def default_model_cached() -> bool:
-    """Whether the default model is converted in this machine's cache (a GPU machine cannot fetch it)."""
-    from engine.models import DEFAULT_MODEL_NAME, MARKER, cache_dir
-
-    return (cache_dir() / "models" / DEFAULT_MODEL_NAME / MARKER).is_file()
-
-
-def model_argument(check: Check) -> str | None:
-    """--model for engine.bench: the default model's folder by path, so the bench never looks for its GGUF."""
-    if check.model is not None:
-        return check.model
-    from engine.models import DEFAULT_MODEL_NAME, cache_dir
-
-    return str(cache_dir() / "models" / DEFAULT_MODEL_NAME)
-
-
-def load_subject(check: Check, dtype: str) -> Subject:
-    """The target (and head) the model steps run: the real model, or the stand-in."""
-    from engine.decode import Engine
-
-    sizes = check.sizes
-    if check.stand_in:
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        model = synthetic_model(check.stand_in, torch_dtype, check.device)
-        engine = Engine(model, IdsTokenizer(), random_head(model))
-        g = torch.Generator().manual_seed(0)
-        vocab = model.config.vocab_size
-        prompts = [torch.randint(vocab, (40,), generator=g).tolist() for _ in range(sizes.prompts)]
-        context = torch.randint(vocab, (sizes.context,), generator=g).tolist()
-        return Subject(engine, prompts, context, f"stand-in: random {check.stand_in}-shaped model and head")
-    from engine.autotune.calibration import CALIBRATION_PROMPTS
-    from engine.cli import engine_from_args
-
-    args = argparse.Namespace(model=model_argument(check), head=check.head, dtype=dtype, device=str(check.device),
-                              load_in_4bit=False, load_in_8bit=False, threads=None, backend=None)  # fmt: skip
-    engine, _ = engine_from_args(args, need_head=True)
-    prompts = [engine.chat_ids([{"role": "user", "content": p}]) for p in CALIBRATION_PROMPTS[: sizes.prompts]]
-    text = " ".join(CALIBRATION_PROMPTS)
-    context = engine.chat_ids([{"role": "user", "content": text}])
-    while len(context) < sizes.context:
-        context = context + context
-    return Subject(engine, prompts, context[: sizes.context], check.model or "the default model and shipped head")
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ---- shared measurements ------------------------------------------------------------------------
-
-
-def generation(engine, ids: list[int], method: str, tokens: int, tree) -> dict:
-    """One greedy generation: output ids and the per-cycle split of its time (ms)."""
-    from engine.config import GenerationConfig
-
-    lookup = method == "eagle2_lookup"
-    config = GenerationConfig(method="eagle2" if lookup else method, max_new_tokens=tokens,
-                              tree=replace(tree, lookup=LOOKUP if lookup else 0))  # fmt: skip
-    start = time.perf_counter()
-    marks = []
-    for event in engine.generate(ids, config):
-        if event["type"] == "cycle":
-            marks.append((event["totals"]["new_tokens"], time.perf_counter() - start))
-        end = event
-    wall_ms = (time.perf_counter() - start) * 1000.0
-    t = end["totals"]
-    cycles = max(t["cycles"], 1)
-    decode_ms = (marks[-1][1] - marks[0][1]) * 1000.0 if len(marks) > 1 else 0.0
-    return {
-        "output_ids": end["output_ids"],
-        "new_tokens": t["new_tokens"],
-        "cycles": t["cycles"],
-        "head_cycles": t["head_cycles"],
-        "tau": t["tau"],
-        "wall_ms": wall_ms,
-        "prefill_ms": t["prefill_ms"],
-        "ms_per_cycle": (wall_ms - t["prefill_ms"]) / cycles,
-        "draft_ms_per_cycle": t["draft_ms"] / cycles,
-        "draft_ms_per_head_cycle": t["draft_ms"] / t["head_cycles"] if t["head_cycles"] else 0.0,
-        "verify_ms_per_cycle": t["verify_ms"] / cycles,
-        "host_ms_per_cycle": (wall_ms - t["prefill_ms"] - t["draft_ms"] - t["verify_ms"]) / cycles,
-        "decode_ms_per_token": decode_ms / max(marks[-1][0] - marks[0][0], 1) if marks else 0.0,
-        "tokens_per_s": t["new_tokens"] / wall_ms * 1000.0,
-    }
-
-
-def split_of(run: dict) -> dict:
-    return {k: v for k, v in run.items() if k != "output_ids"}
-
-
-def verify_curve(engine, context: list[int], sizes, repeats: int, tree) -> dict:
-    """ms per target forward by tree size, and the head's draft ms for the tree's depth and top-k."""
-    from engine.autotune.costs import measure_costs
-
-    cost = measure_costs(engine, context, node_counts=sizes, draft_points=[(tree.depth, tree.top_k)],
-                         repeats=repeats)  # fmt: skip
-    verify = {str(n): ms for n, ms in cost.verify}
-    return {"context": len(context), "verify_ms": verify, "draft_ms": cost.draft[0][2],
-            "ratio_64_to_1": verify["64"] / verify["1"] if "64" in verify else None}  # fmt: skip
 
 
 # ---- steps --------------------------------------------------------------------------------------
@@ -375,45 +232,6 @@ def step_verify_cost(check: Check) -> dict:
     return result
 
 
-def quantize_nf4(model) -> None:
-    """Replace the decoder layers' linears by bitsandbytes nf4 ones (quantized on their device, in place);
-    embeddings, norms and lm_head stay bf16, as transformers' own 4-bit loading leaves lm_head."""
-    import bitsandbytes as bnb
-
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, linear in list(parent.named_children()):
-                if not isinstance(linear, torch.nn.Linear):
-                    continue
-                quantized = bnb.nn.Linear4bit(
-                    linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    compute_dtype=torch.bfloat16, quant_type="nf4", device="meta",
-                )  # fmt: skip
-                quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
-                if linear.bias is not None:
-                    quantized.bias = linear.bias
-                setattr(parent, name, quantized.to(linear.weight.device))  # .to quantizes the weight
-
-
-def hf_static(model, ids: list[int], tokens: int, compiled: bool) -> dict:
-    """transformers `generate` with a static cache: wall time (prefill included) and decode ms per token."""
-    from engine.bench.methods import EmitClock
-
-    prompt = torch.tensor([ids], dtype=torch.long, device=model.device)  # (1, T)
-    start = time.perf_counter()
-    clock = EmitClock(start)
-    with torch.no_grad():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
-                             min_new_tokens=tokens, do_sample=False, cache_implementation="static",
-                             disable_compile=not compiled, pad_token_id=0, streamer=clock)  # fmt: skip
-    new = out.shape[1] - prompt.shape[1]  # the host read ends the timed region
-    wall_ms = (time.perf_counter() - start) * 1000.0
-    marks = clock.marks
-    decode = (marks[-1][1] - marks[0][1]) * 1000.0 / max(marks[-1][0] - marks[0][0], 1) if len(marks) > 1 else 0.0
-    return {"new_tokens": new, "wall_ms": wall_ms, "tokens_per_s": new / wall_ms * 1000.0,
-            "decode_ms_per_token": decode}  # fmt: skip
-
-
 def probe(check: Check, kind: str) -> dict:
     """vanilla through the Engine against `generate` with a static cache on a random-weight model."""
     from engine.decode import Engine
@@ -485,89 +303,6 @@ def run_step(step: "Step", check: Check, seconds: float) -> dict:
     return record
 
 
-def environment(device: torch.device) -> dict:
-    import transformers
-
-    from engine.bench.cli import git_commit
-
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(device),
-           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-           "commit": git_commit(), "python": sys.version.split()[0]}  # fmt: skip
-    try:
-        import bitsandbytes
-
-        env["bitsandbytes"] = bitsandbytes.__version__
-    except ImportError:
-        env["bitsandbytes"] = None
-    return env
-
-
-def _f(value, spec: str = ".1f") -> str:
-    return "—" if value is None else format(value, spec)
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"] + [
-        "| " + " | ".join(str(c) for c in row) + " |" for row in rows
-    ]
-
-
-def _lossless_md(r: dict) -> list[str]:
-    rows = [[m, f"{x['equal']}/{x['prompts']}", f"{x['tau']:.2f}", x["first_divergence"]]
-            for m, x in r["methods"].items()]  # fmt: skip
-    return [f"{r['model']}, {r['dtype']}, {r['new_tokens']} new tokens; passed: **{r['passed']}**", "",
-            *_table(["method", "equal to vanilla", "τ", "first divergence"], rows)]  # fmt: skip
-
-
-def _bench_md(r: dict) -> list[str]:
-    keys = ("tokens_per_s", "speedup_vs_vanilla", "tau", "ms_per_cycle", "draft_ms_per_cycle",
-            "draft_ms_per_head_cycle", "verify_ms_per_cycle", "head_share")  # fmt: skip
-    rows = [[m] + [_f(x.get(k), ".2f") for k in keys] for m, x in r["methods"].items()]
-    lossless = f"; lossless audit: {r['lossless']}" if "lossless" in r else ""
-    return [f"{r['questions']} questions, {r['new_tokens']} new tokens, tree {r['tree']}; report "
-            f"{r['report']}{lossless}", "", *_table(["method", "tokens/s", "vs vanilla", "τ", "ms/cycle",
-            "draft ms/cycle", "draft ms/head cycle", "verify ms/cycle", "head share"], rows)]  # fmt: skip
-
-
-SPLIT = ("ms_per_cycle", "draft_ms_per_cycle", "draft_ms_per_head_cycle", "verify_ms_per_cycle", "host_ms_per_cycle",
-         "cycles", "head_cycles", "tau")  # fmt: skip
-
-
-def _profile_md(r: dict) -> list[str]:
-    runs = dict(r["methods"]) | {"eagle2, no cuDNN SDPA": r["eagle2_without_cudnn_sdpa"]}
-    rows = [[m] + [_f(x[k], ".2f") if isinstance(x[k], float) else x[k] for k in SPLIT] for m, x in runs.items()]
-    lines = [f"{r['model']}, {r['dtype']}, {r['new_tokens']} new tokens (ms; all tables in profile-*.txt)", "",
-             *_table(["run", "per cycle", "draft", "draft per head cycle", "verify", "host", "cycles",
-                      "head cycles", "τ"], rows)]  # fmt: skip
-    for m, x in r["methods"].items():
-        ops = [[f"`{o['name']}`", o["calls"], _f(o["self_cpu_ms"], ".2f"), _f(o["self_device_ms"], ".2f")]
-               for o in x["top_ops"]]  # fmt: skip
-        lines += ["", f"Top ops, {m}:", "", *_table(["op", "calls", "self CPU ms", "self device ms"], ops)]
-    return lines
-
-
-def _verify_md(r: dict) -> list[str]:
-    curves = {k: v for k, v in r.items() if k != "model"}
-    rows = [[n] + [_f(c["verify_ms"].get(str(n)), ".2f") for c in curves.values()] for n in VERIFY_SIZES]
-    rows.append(["draft, tree's depth and top-k"] + [_f(c["draft_ms"], ".2f") for c in curves.values()])
-    context = next(iter(curves.values()))["context"]
-    return [f"{r['model']}; ms per target forward after {context} tokens", "", *_table(["tree nodes", *curves], rows)]
-
-
-def _probe_md(r: dict) -> list[str]:
-    runs = [k for k in ("engine_vanilla", "hf_static", "hf_static_compiled") if k in r]
-    rows = [[k, _f(r[k]["tokens_per_s"]), _f(r[k]["decode_ms_per_token"], ".2f")] for k in runs]
-    lines = [f"random {r['config']} Llama ({r['weights']}), {r['prompt_tokens']}-token prompt, {r['new_tokens']} "
-             "new tokens", "", *_table(["run", "tokens/s (prefill incl.)", "decode ms/token"], rows)]  # fmt: skip
-    if "verify" in r:
-        v = r["verify"]
-        row = ["verify ms", *(f"{ms:.2f}" for ms in v["verify_ms"].values())]
-        lines += ["", *_table(["tree nodes", *v["verify_ms"]], [row]),
-                  "", f"64-node verify / 1-token step: {_f(v['ratio_64_to_1'], '.2f')}x; draft of the tree "
-                  f"{v['draft_ms']:.2f} ms"]  # fmt: skip
-    return lines
-
-
 @dataclass(frozen=True)
 class Step:
     name: str
@@ -577,38 +312,20 @@ class Step:
 
 
 STEPS = (
-    Step("lossless", 45, step_lossless, _lossless_md),
-    Step("bench_bf16", 100, lambda check: bench(check, "bfloat16"), _bench_md),
-    Step("profile", 60, step_profile, _profile_md),
-    Step("verify_cost", 30, step_verify_cost, _verify_md),
-    Step("bench_fp32", 70, lambda check: bench(check, "float32"), _bench_md),
-    Step("probe_bf16", 70, lambda check: probe(check, "bf16"), _probe_md),
-    Step("probe_4bit", 60, lambda check: probe(check, "4bit"), _probe_md),
-    Step("probe_compiled", 150, lambda check: probe(check, "compiled"), _probe_md),
+    Step("lossless", 45, step_lossless, lossless_md),
+    Step("bench_bf16", 100, lambda check: bench(check, "bfloat16"), bench_md),
+    Step("profile", 60, step_profile, profile_md),
+    Step("verify_cost", 30, step_verify_cost, verify_md),
+    Step("bench_fp32", 70, lambda check: bench(check, "float32"), bench_md),
+    Step("probe_bf16", 70, lambda check: probe(check, "bf16"), probe_md),
+    Step("probe_4bit", 60, lambda check: probe(check, "4bit"), probe_md),
+    Step("probe_compiled", 150, lambda check: probe(check, "compiled"), probe_md),
 )
-
-
-
-def render(summary: dict) -> str:
-    """The markdown summary: the steps table, then each step's numbers."""
-    env, config = summary["environment"], summary["config"]
-    lines = [f"# GPU check — {env['gpu'] or env['device']}", "",
-             f"torch {env['torch']}, transformers {env['transformers']}, bitsandbytes {env['bitsandbytes']}, "
-             f"commit {env['commit']}; {summary['total_s']:.0f} s of a {config['budget_s']:.0f} s budget.", "",
-             f"`{config['command']}`", "", *(f"- {note}" for note in config["notes"]), ""]  # fmt: skip
-    notes = [[s["name"], s["status"], f"{s['seconds']:.1f}", s.get("reason") or s.get("error") or ""]
-             for s in summary["steps"]]  # fmt: skip
-    lines += _table(["step", "status", "seconds", "note"], notes)
-    renderers = {step.name: step.render for step in STEPS}
-    for s in summary["steps"]:
-        if s.get("result"):
-            lines += ["", f"## {s['name']}", "", *renderers[s["name"]](s["result"])]
-    return "\n".join(lines) + "\n"
 
 
 def write_summary(summary: dict, out: Path) -> None:
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1, default=str))
-    (out / "gpu_check.md").write_text(render(summary))
+    (out / "gpu_check.md").write_text(render(summary, {step.name: step.render for step in STEPS}))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
