@@ -240,7 +240,6 @@ class Handlers:
         cancel, prompt = session.cancel, session.pending
         if prompt is None:
             return
-        la, lb = method_label(method_a), method_label(method_b)
         try:
             # One seed for both sides, so a sampled comparison differs only by method.
             seeded = ChatSettings(*settings).check(self.ranges).with_fixed_seed()

@@ -219,7 +219,8 @@ class LeanForward:
             gate, up = layer.gate_up(_rms(layer.norm_post, x)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         cache.length = end
-        streams[len(self.layers)] = x  # the last layer's output (an aux id of L - 1)
+        if len(self.layers) in capture:
+            streams[len(self.layers)] = x  # the last layer's output (an aux id of L - 1)
         return _rms(self.norm, x), [streams[i] for i in capture]
 
 

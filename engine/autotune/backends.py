@@ -123,7 +123,11 @@ def tune_cpu(
     cache: Path | None = None, retune: bool = False, repeats: int = 3,
 ) -> tuple[Engine, CpuTuning]:  # fmt: skip
     """The engine on the chosen backend (the head loaded on it) and the tuning behind the choice."""
-    load_head(head_dir, fp32_model)  # a head that does not fit fails here, before any timing
+    fp32_head = load_head(head_dir, fp32_model)  # a head that does not fit fails here, before any timing
+
+    def head_for(name: str, model):
+        return fp32_head if name == "fp32" else load_head(head_dir, model)  # fp32 runs fp32_model itself
+
     candidates = candidates or cpu_candidates()
     key = backend_key(fp32_model, head_dir, candidates)
     path = backend_cache_path(key, cache)
@@ -137,7 +141,7 @@ def tune_cpu(
             _say(True, f"ignoring unreadable backend cache {path} ({error}); measuring again")
         if tuning is not None:
             model = variant(fp32_model, tuning.choice.backend)
-            return Engine(model, tokenizer, load_head(head_dir, model)), tuning
+            return Engine(model, tokenizer, head_for(tuning.choice.backend, model)), tuning
 
     start = time.perf_counter()
     engines: dict[str, Engine] = {}
@@ -145,7 +149,7 @@ def tune_cpu(
     def engine_for(name: str) -> Engine:
         if name not in engines:
             model = variant(fp32_model, name)
-            engines[name] = Engine(model, tokenizer, load_head(head_dir, model))
+            engines[name] = Engine(model, tokenizer, head_for(name, model))
         return engines[name]
 
     greedy_acceptance, sampled_acceptance = load_shipped(head_dir), load_shipped(head_dir, SAMPLING)
