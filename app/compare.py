@@ -85,6 +85,7 @@ def measure(
             pass
     runs: list[Run] = []
     for config in configs:
+        engine.forget()  # each run prefills the whole prompt: neither starts from the other's cache
         run = Run(config.method)
         runs.append(run)
         for batch in pump(engine.generate(prompt_ids, config, cancel), cancel, poll_s):

@@ -2,7 +2,8 @@
 
 Numbers come straight from the engine's running `totals` (see engine/events.py): tokens/s is new tokens
 over wall time since generation started (prefill included), τ is the mean number of tokens committed per
-cycle (accepted drafts + bonus token; 1.0 for vanilla), draft and verify times are per-cycle means.
+cycle (accepted drafts + bonus token; 1.0 for vanilla), draft and verify times are per-cycle means. Where
+the engine started from the KV cache of the last request, the line says how many prompt tokens it reused.
 """
 
 METHOD_LABELS = {
@@ -27,6 +28,9 @@ def stats_line(totals: dict, method: str | None = None) -> str:
         f"verify {totals.get('verify_ms', 0.0) / per_cycle:.1f} ms/cycle",
         f"{int(totals.get('new_tokens', 0))} tokens in {totals.get('elapsed_s', 0.0):.2f} s",
     ]
+    cached = int(totals.get("cached_tokens", 0))
+    if cached:  # the earlier turns' K/V were kept: only the new part of the prompt was prefilled
+        parts.append(f"{cached} prompt tokens reused from the last reply")
     prefix = f"{method_label(method)}: " if method else ""
     return prefix + " · ".join(parts)
 

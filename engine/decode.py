@@ -27,7 +27,7 @@ from engine.draft import Drafter
 from engine.events import CycleEvent, EndEvent, FinishReason, StartEvent, Totals, TreeView
 from engine.gate import HeadGate
 from engine.head import DraftHead, Eagle3Head
-from engine.kv import commit_path, new_cache
+from engine.kv import commit_path, keep_first, new_cache
 from engine.lookup import NGRAMS, graft, lookup_chain
 from engine.models import backend_name
 from engine.tree import EAGLE1_DEFAULT_TREE, StaticPlan, Tree, bucket, padded, root_only, static_plan
@@ -75,6 +75,23 @@ class DecodeState:
     gate: HeadGate | None = None  # the adaptive head (tree.adaptive): whether the head pays for itself
     output: list[int] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
+    cached_ids: list[int] = field(default_factory=list)  # the tokens whose entries `cache` holds, in order
+    features: list[torch.Tensor] = field(default_factory=list)  # what the head reads at each of them, in pieces
+
+
+@dataclass
+class PrefixCache:
+    """The target's KV cache as the last request left it, for the next request to start from.
+
+    A chat's next turn repeats the conversation so far: its prompt shares a prefix with the tokens already
+    in this cache (the previous prompt and reply), and only the rest needs a prefill. `features` keeps
+    what the draft head reads at each cached token, so EAGLE can follow a vanilla turn and the other way
+    round. On an exact backend (int8) a cached entry equals the one a fresh prefill computes, bit for bit;
+    on float backends, up to rounding."""
+
+    ids: list[int]
+    cache: object
+    features: torch.Tensor  # (len(ids), F)
 
 
 def common_prefix(a, b) -> int:
@@ -108,12 +125,14 @@ class Engine:
     def __init__(
         self, model, tokenizer, head: DraftHead | Eagle3Head | None = None, static_tree=EAGLE1_DEFAULT_TREE,
         prune: bool | None = None, lookup_ngrams: tuple[int, ...] = NGRAMS,
-        verify_buckets: tuple[int, ...] | None = None,
+        verify_buckets: tuple[int, ...] | None = None, reuse_prefix: bool = True,
     ):  # fmt: skip
         """`prune`: the EAGLE-2 drafter's early stop (engine/draft.py); None: on a CPU only.
         `lookup_ngrams`: the n-gram lengths the prompt-lookup branch matches, longest first (engine/lookup.py).
         `verify_buckets`: tree sizes the verify forward is padded to (engine/tree.py `padded`), so that it
-        runs a few fixed shapes, as captured GPU graphs need; None: every tree at its own size."""
+        runs a few fixed shapes, as captured GPU graphs need; None: every tree at its own size.
+        `reuse_prefix`: start each request from the KV cache the last one left (`PrefixCache`), prefilling
+        only the tokens after the prefix they share."""
         self.model = model
         self.tokenizer = tokenizer
         self.head = head
@@ -121,6 +140,8 @@ class Engine:
         self.prune = prune
         self.lookup_ngrams = lookup_ngrams
         self.verify_buckets = verify_buckets
+        self.reuse_prefix = reuse_prefix
+        self.prefix: PrefixCache | None = None
         weight = model.get_output_embeddings().weight
         self.device = weight.device
         self.dtype = model.get_input_embeddings().weight.dtype
@@ -177,6 +198,10 @@ class Engine:
         head = "no draft head (vanilla only)" if self.head is None else f"{HEAD_NAMES[self.head.kind]} head loaded"
         return f"{name} · {self.backend} · {self.device} · {head}"
 
+    def forget(self) -> None:
+        """Drop the kept KV cache: the next request prefills its whole prompt (a cold start)."""
+        self.prefix = None
+
     # ---- decoding -----------------------------------------------------------------------------
 
     def generate(self, prompt_ids: list[int], config: GenerationConfig, cancel=None):
@@ -205,53 +230,76 @@ class Engine:
         yield asdict(StartEvent(config.method, len(prompt_ids), config.to_dict()))
         start = time.perf_counter()
         detok = IncrementalDetokenizer(self.tokenizer)
-        state, first_ms = self._prefill(prompt_ids, config, generator, drafter)
-        state.totals.prefill_ms = first_ms
-        first = int(state.pending)
-        finish = self._finish_reason([first], config, state)
-        new_ids = [first]
-        event = CycleEvent(0, new_ids, "", None, [], first, 0.0, first_ms)
-        while True:
-            state.output.extend(event.new_token_ids)
-            text = detok.add([t for t in event.new_token_ids if t not in self.eos_ids])
-            text, hit = self._apply_stop_strings(detok, text, config.stop)
-            finish = finish or (FinishReason.STOP_STRING if hit else None)
-            event.text = text
-            totals = state.totals
-            totals.new_tokens = len(state.output)
-            totals.elapsed_s = time.perf_counter() - start
-            totals.tokens_per_s = totals.new_tokens / max(totals.elapsed_s, 1e-9)
-            totals.tau = (totals.new_tokens - 1) / totals.cycles if totals.cycles else 0.0
-            event.totals = replace(totals)
-            yield asdict(event)
-            if finish is None and cancel is not None and cancel.is_set():
-                finish = FinishReason.CANCELLED
-            if finish is None and state.past_len >= self.context_length:
-                finish = FinishReason.CONTEXT_LENGTH
-            if finish is not None:
-                break
-            event = self._cycle(state, config, generator, drafter, plan)
-            finish = self._finish_reason(event.new_token_ids, config, state)
-            if finish in (FinishReason.EOS, FinishReason.MAX_NEW_TOKENS):
-                event.new_token_ids = self._cut(event.new_token_ids, config, state)
+        state, busy = None, True  # busy: inside the prefill or a cycle, where the cache may be half-written
+        try:
+            state, first_ms = self._prefill(prompt_ids, config, generator, drafter)
+            state.totals.prefill_ms = first_ms
+            first = int(state.pending)
+            finish = self._finish_reason([first], config, state)
+            new_ids = [first]
+            event = CycleEvent(0, new_ids, "", None, [], first, 0.0, first_ms)
+            while True:
+                state.output.extend(event.new_token_ids)
+                text = detok.add([t for t in event.new_token_ids if t not in self.eos_ids])
+                text, hit = self._apply_stop_strings(detok, text, config.stop)
+                finish = finish or (FinishReason.STOP_STRING if hit else None)
+                event.text = text
+                totals = state.totals
+                totals.new_tokens = len(state.output)
+                totals.elapsed_s = time.perf_counter() - start
+                totals.tokens_per_s = totals.new_tokens / max(totals.elapsed_s, 1e-9)
+                totals.tau = (totals.new_tokens - 1) / totals.cycles if totals.cycles else 0.0
+                event.totals = replace(totals)
+                busy = False
+                yield asdict(event)
+                if finish is None and cancel is not None and cancel.is_set():
+                    finish = FinishReason.CANCELLED
+                if finish is None and state.past_len >= self.context_length:
+                    finish = FinishReason.CONTEXT_LENGTH
+                if finish is not None:
+                    break
+                busy = True
+                event = self._cycle(state, config, generator, drafter, plan)
+                finish = self._finish_reason(event.new_token_ids, config, state)
+                if finish in (FinishReason.EOS, FinishReason.MAX_NEW_TOKENS):
+                    event.new_token_ids = self._cut(event.new_token_ids, config, state)
+        finally:  # also when the consumer stops early: between cycles the cache is whole
+            if state is not None and not busy and self.reuse_prefix:
+                self.prefix = PrefixCache(state.cached_ids, state.cache, torch.cat(state.features))
         yield asdict(EndEvent(finish, self._finish_message(finish), detok.text, state.output, replace(state.totals)))
 
     @torch.no_grad()
     def _prefill(self, prompt_ids, config, generator, drafter):
         mark = self.stopwatch.mark()
-        cache = new_cache(self.model)
+        cache, cached, kept_features = self._take_prefix(prompt_ids)
         ids = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)  # (T,)
-        positions = torch.arange(len(prompt_ids), device=self.device)
-        features, logits = target_forward(self.model, ids, positions, None, cache, "last", self.capture)  # (1, V)
+        positions = torch.arange(cached, len(prompt_ids), device=self.device)
+        features, logits = target_forward(self.model, ids[cached:], positions, None, cache, "last", self.capture)
+        if kept_features is not None:
+            features = torch.cat([kept_features, features])  # (T, F)
         first = draw_tokens(logits, config.sampling, generator)  # (1,)
         pairs = None
         if drafter is not None:  # pairs (f_i, x_{i+1}): the prompt shifted by one, then the new token
             pairs = (torch.cat([ids[1:], first]), features)
         state = DecodeState(cache, len(prompt_ids), first[0], pairs, list(prompt_ids))
+        state.totals.cached_tokens = cached
+        if self.reuse_prefix:
+            state.cached_ids, state.features = list(prompt_ids), [features]
         if drafter is not None and config.tree.adaptive:
             state.gate = HeadGate()
         int(first)  # the prefill's sync: its time is real
         return state, self.stopwatch.ms(mark, self.stopwatch.mark())
+
+    def _take_prefix(self, prompt_ids: list[int]) -> tuple[object, int, torch.Tensor | None]:
+        """(cache, how many leading prompt tokens it already holds, their features or None). The kept
+        cache becomes this request's (another request meanwhile starts cold). The last prompt token always
+        runs, for the logits that draw the first new token."""
+        kept, self.prefix = self.prefix, None
+        cached = 0 if kept is None else min(common_prefix(kept.ids, prompt_ids), len(prompt_ids) - 1)
+        if cached == 0:
+            return new_cache(self.model), 0, None
+        keep_first(kept.cache, cached)
+        return kept.cache, cached, kept.features[:cached]
 
     @torch.no_grad()
     def _cycle(
@@ -291,6 +339,9 @@ class Engine:
             commit_path(state.cache, state.past_len, path_t)
         state.past_len += accepted
         state.pending = drawn[best]
+        if self.reuse_prefix:
+            state.cached_ids.extend(tokens[j] for j in path)
+            state.features.append(features[path_t])
         if drafter is not None:
             pairs = (torch.cat([tree.tokens[path_t[1:]], drawn[best].view(1)]), features[path_t])
             if not head_fed:  # a copy or rest cycle: the head has not seen the last pairs yet, keep them all

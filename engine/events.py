@@ -51,6 +51,7 @@ class Totals:
     draft_ms: float = 0.0  # summed over cycles
     verify_ms: float = 0.0  # summed over cycles (target forward + acceptance)
     prefill_ms: float = 0.0
+    cached_tokens: int = 0  # leading prompt tokens whose K/V the last request left in the cache (not prefilled)
     head_cycles: int = 0  # cycles in which the draft head drafted (the rest verified a copied chain or the root)
 
 

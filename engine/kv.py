@@ -32,5 +32,12 @@ def commit_path(cache: DynamicCache | LeanCache, past_len: int, path: torch.Tens
         layer.crop(-(total - past_len - keep))
 
 
+def keep_first(cache: DynamicCache | LeanCache, length: int) -> None:
+    """Keep the first `length` entries and drop the rest (transformers' `crop` takes how many to drop)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
 def cache_length(cache: DynamicCache) -> int:
     return cache.get_seq_length()

@@ -55,15 +55,20 @@ class Recorder:
         self.log.append((self.name, self.tokenizer.decode(prompt_ids)))
         return TurnOutput([5, 6, 7], f"answer {self.name}", 0.01, 2, "eos")
 
+    def forget(self):
+        self.log.append((self.name, None))
+
 
 def test_methods_interleave_question_by_question_after_a_warm_up(engine):
     log = []
     methods = {name: Recorder(name, log, engine.tokenizer) for name in ("A", "B", "C")}
     results = run_benchmark(engine, methods, QUESTIONS, SETTINGS)
-    order = [name for name, _ in log]
+    # every answer starts cold ("A!": A forgets its cache), so no method reuses another's prompt
+    order = [name if prompt is not None else name + "!" for name, prompt in log]
     warm_up = ["A", "B", "C"]
-    q1 = ["A", "A", "B", "B", "C", "C"]  # both turns of question 1 before the next method starts
-    assert order == warm_up + q1 + ["A", "B", "C"] * 2
+    q1 = ["A!", "A", "A", "B!", "B", "B", "C!", "C", "C"]  # both turns of question 1 before the next method starts
+    assert order == warm_up + q1 + ["A!", "A", "B!", "B", "C!", "C"] * 2
+    log[:] = [entry for entry in log if entry[1] is not None]
     assert [(r["question_id"], r["method"]) for r in results] == [(q, m) for q in (1, 2, 3) for m in "ABC"]
     # each method's second turn carries its own first answer as history, not another method's
     second_turns = {name: prompt for name, prompt in log[3:9] if "say more" in prompt}

@@ -35,6 +35,9 @@ class TurnOutput:
 
 
 class Method(Protocol):
+    """A decoding method. One that keeps a KV cache between calls (the engine, llama.cpp: both reuse the
+    prefix a turn shares with the turns before) also has `forget()`, which starts its next answer cold."""
+
     def run(self, prompt_ids: list[int], settings: BenchSettings) -> TurnOutput: ...
 
 
@@ -48,6 +51,9 @@ class EngineMethod:
         if method != "vanilla" and engine.head is None:
             raise ValueError(f"method {method} needs a draft head; pass --head PATH or drop {method} from --methods")
         self.engine, self.method = engine, method
+
+    def forget(self) -> None:
+        self.engine.forget()
 
     def run(self, prompt_ids: list[int], settings: BenchSettings) -> TurnOutput:
         extended = self.method in ("eagle2_lookup", "eagle2_adaptive")
@@ -155,6 +161,9 @@ class LlamaCppMethod:
             n_threads_batch=torch.get_num_threads(), verbose=False,
         )  # fmt: skip
         self.version = llama_cpp.__version__
+
+    def forget(self) -> None:
+        self.llm.reset()  # `generate` matches its prompt against the tokens evaluated since the last reset
 
     def run(self, prompt_ids: list[int], settings: BenchSettings) -> TurnOutput:
         sampling, eos = settings.sampling, self.engine.eos_ids

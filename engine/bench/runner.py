@@ -30,8 +30,13 @@ class MemoryMeter:
 
 
 def answer_question(engine: Engine, method: Method, name: str, question: dict, settings: BenchSettings) -> dict:
-    """Every turn of one question with one method, its own answers fed back as history."""
+    """Every turn of one question with one method, its own answers fed back as history. The first turn
+    starts cold; later turns may reuse the method's own cache of the turns before (`forget`, where the
+    method keeps one)."""
     answers, outputs = [], []
+    forget = getattr(method, "forget", None)
+    if forget is not None:
+        forget()
     for _ in question["turns"]:
         prompt = turn_prompt(engine, question, answers, settings.max_new_tokens)
         out = method.run(prompt, settings)
