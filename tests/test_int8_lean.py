@@ -215,7 +215,8 @@ REAL_PROMPTS = [
 @pytest.mark.slow
 def test_real_model_int8_eagle2_equals_int8_vanilla(default_model_dir):
     """The promise on the app's CPU backend: EAGLE-2 (with the lookup branch, tuned-size and paper trees)
-    writes the int8 model's own greedy reply, token for token, and accepts drafts doing it."""
+    writes the int8 model's own greedy reply, token for token, and accepts drafts doing it; also when it
+    starts from the KV cache the run before it kept."""
     from engine.checkpoint import load_head
     from engine.models import ModelSpec, default_head_path, load_target
 
@@ -230,5 +231,6 @@ def test_real_model_int8_eagle2_equals_int8_vanilla(default_model_dir):
             ids = engine.chat_ids([{"role": "user", "content": prompt}])
             end = list(engine.generate(ids, GenerationConfig(method="eagle2", max_new_tokens=64, tree=tree)))[-1]
             assert end["output_ids"] == want, (prompt, tree)
+            assert end["totals"]["cached_tokens"] == len(ids) - 1  # started from the last run's kept cache
             taus.append(end["totals"]["tau"])
     assert sum(taus) / len(taus) > 1.5
