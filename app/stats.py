@@ -30,7 +30,7 @@ def stats_line(totals: dict, method: str | None = None) -> str:
     ]
     cached = int(totals.get("cached_tokens", 0))
     if cached:  # the earlier turns' K/V were kept: only the new part of the prompt was prefilled
-        parts.append(f"{cached} prompt tokens reused from the last reply")
+        parts.append(f"{cached} prompt tokens cached")
     prefix = f"{method_label(method)}: " if method else ""
     return prefix + " · ".join(parts)
 

@@ -267,7 +267,7 @@ def test_stats_line_formats_engine_totals():
     )
     assert "0 cycles" in stats_line({"new_tokens": 1, "cycles": 0})
     assert "1 cycle ·" in stats_line({"cycles": 1})
-    assert "reused" not in stats_line({"cycles": 1}) and "40 prompt tokens reused" in stats_line({"cached_tokens": 40})
+    assert "cached" not in stats_line({"cycles": 1}) and "40 prompt tokens cached" in stats_line({"cached_tokens": 40})
 
 
 def test_speedup_line():
