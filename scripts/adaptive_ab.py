@@ -41,6 +41,7 @@ def main() -> None:
         for q in chosen:
             ids = engine.chat_ids([{"role": "user", "content": q["turns"][0]}])
             for name, variant in variants.items():
+                engine.forget()  # neither variant starts from the other's kept cache
                 start = time.perf_counter()
                 config = GenerationConfig(method="eagle2", max_new_tokens=args.max_new_tokens, tree=variant)
                 end = list(engine.generate(ids, config))[-1]

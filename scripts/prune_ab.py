@@ -30,7 +30,10 @@ def main() -> None:
     prompts = [engine.chat_ids([{"role": "user", "content": q["turns"][0]}]) for q in chosen]
     tree = TreeConfig(*map(int, args.tree.split(",")))
     config = GenerationConfig(method="eagle2", max_new_tokens=args.max_new_tokens, tree=tree)
-    engines = {prune: Engine(engine.model, engine.tokenizer, engine.head, prune=prune) for prune in (False, True)}
+    engines = {  # every prompt prefilled in full: timed runs do not start from a kept cache
+        prune: Engine(engine.model, engine.tokenizer, engine.head, prune=prune, reuse_prefix=False)
+        for prune in (False, True)
+    }
     replies = {}
     for round_ in (1, 2):
         for prune, variant in engines.items():
