@@ -75,8 +75,7 @@ class DecodeState:
     gate: HeadGate | None = None  # the adaptive head (tree.adaptive): whether the head pays for itself
     output: list[int] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
-    cached_ids: list[int] = field(default_factory=list)  # the tokens whose entries `cache` holds, in order
-    features: list[torch.Tensor] = field(default_factory=list)  # what the head reads at each of them, in pieces
+    features: list[torch.Tensor] = field(default_factory=list)  # what the head reads at each cached token, in pieces
 
 
 @dataclass
@@ -265,7 +264,7 @@ class Engine:
                     event.new_token_ids = self._cut(event.new_token_ids, config, state)
         finally:  # also when the consumer stops early: between cycles the cache is whole
             if state is not None and not busy and self.reuse_prefix:
-                self.prefix = PrefixCache(state.cached_ids, state.cache, torch.cat(state.features))
+                self.prefix = self._kept(state)
         yield asdict(EndEvent(finish, self._finish_message(finish), detok.text, state.output, replace(state.totals)))
 
     @torch.no_grad()
@@ -284,11 +283,19 @@ class Engine:
         state = DecodeState(cache, len(prompt_ids), first[0], pairs, list(prompt_ids))
         state.totals.cached_tokens = cached
         if self.reuse_prefix:
-            state.cached_ids, state.features = list(prompt_ids), [features]
+            state.features = [features]
         if drafter is not None and config.tree.adaptive:
             state.gate = HeadGate()
         int(first)  # the prefill's sync: its time is real
         return state, self.stopwatch.ms(mark, self.stopwatch.mark())
+
+    @staticmethod
+    def _kept(state: DecodeState) -> PrefixCache:
+        """What a finished request leaves for the next: its cache holds the prompt and then the reply (all
+        but its pending last token); entries of a path cut short at max_new_tokens are dropped."""
+        ids = (state.prompt + state.output)[: state.past_len]
+        keep_first(state.cache, len(ids))
+        return PrefixCache(ids, state.cache, torch.cat(state.features)[: len(ids)])
 
     def _take_prefix(self, prompt_ids: list[int]) -> tuple[object, int, torch.Tensor | None]:
         """(cache, how many leading prompt tokens it already holds, their features or None). The kept
@@ -339,11 +346,11 @@ class Engine:
             commit_path(state.cache, state.past_len, path_t)
         state.past_len += accepted
         state.pending = drawn[best]
+        committed = features[path_t]  # (a, F)
         if self.reuse_prefix:
-            state.cached_ids.extend(tokens[j] for j in path)
-            state.features.append(features[path_t])
+            state.features.append(committed)
         if drafter is not None:
-            pairs = (torch.cat([tree.tokens[path_t[1:]], drawn[best].view(1)]), features[path_t])
+            pairs = (torch.cat([tree.tokens[path_t[1:]], drawn[best].view(1)]), committed)
             if not head_fed:  # a copy or rest cycle: the head has not seen the last pairs yet, keep them all
                 pairs = tuple(torch.cat([old, new]) for old, new in zip(state.pairs, pairs))
             state.pairs = pairs

@@ -34,10 +34,10 @@ def commit_path(cache: DynamicCache | LeanCache, past_len: int, path: torch.Tens
 
 def keep_first(cache: DynamicCache | LeanCache, length: int) -> None:
     """Keep the first `length` entries and drop the rest (transformers' `crop` takes how many to drop)."""
-    extra = cache.get_seq_length() - length
+    extra = cache_length(cache) - length
     if extra > 0:
         cache.crop(-extra)
 
 
-def cache_length(cache: DynamicCache) -> int:
+def cache_length(cache: DynamicCache | LeanCache) -> int:
     return cache.get_seq_length()
