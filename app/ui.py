@@ -62,8 +62,9 @@ def promise(engine) -> str:
 
 
 # At 1280x800 and up the chat, the tree panel and the stats line fit in the window: the chat and the tree
-# take the height the header, tabs, input and stats leave (tests/test_e2e_browser.py measures it).
-CHAT_HEIGHT = "calc(100vh - 400px)"
+# take the height the header, tabs, input and stats leave, with room for a stats line of three rows and a
+# header of three (tests/test_e2e_browser.py measures it).
+CHAT_HEIGHT = "calc(100vh - 450px)"
 TREE_CSS = ".tree-scroll { max-height: calc(100vh - 510px); min-height: 120px; }"
 PHONE_PX = 768  # below this width the settings sidebar would cover the page: it starts closed
 CLOSE_SIDEBAR_ON_PHONE = f"""() => {{
