@@ -19,6 +19,8 @@ embeddings in most small models, so no extra memory) for code that reads `lm_hea
 import torch
 from torch import nn
 
+from engine.kernels import row_kernels
+
 QMAX = 127  # symmetric range [-127, 127]: no -128, so negating a row never overflows
 
 
@@ -55,7 +57,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        q, scale = quantize_rows(x.reshape(-1, shape[-1]).float())
+        x = x.reshape(-1, shape[-1]).float()
+        rows = row_kernels() if x.device.type == "cpu" else None
+        if rows is not None:  # the same steps in two calls (engine/kernels.c), bit for bit
+            q, scale = rows.quantize(x.contiguous())
+            return rows.rescale(torch._int_mm(q, self.qweight_t), self.wscale, scale, self.bias).view(
+                *shape[:-1], self.out_features
+            )
+        q, scale = quantize_rows(x)
         y = torch._int_mm(q, self.qweight_t).float().mul_(self.wscale).mul_(scale)  # (M, N)
         if self.bias is not None:
             y.add_(self.bias)

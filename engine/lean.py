@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.int8 import Int8Linear
+from engine.kernels import row_kernels
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -122,7 +123,7 @@ class LeanLayer:
 
 
 def _exact_attention(q, keys, values, mask, scale: float) -> torch.Tensor:
-    """Attention in float64 over a float64 cache, returned in float32: (1, heads, n, hd).
+    """Attention in float64 over a float64 cache: (1, heads, n, hd) float64.
 
     A float32 kernel sums in an order that depends on how many queries and keys it is given, so a token
     verified in a tree would get slightly different values than the same token decoded alone, and the
@@ -138,7 +139,7 @@ def _exact_attention(q, keys, values, mask, scale: float) -> torch.Tensor:
         mask = mask[:, :, None]  # (1, 1, 1, n, length)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = scores.softmax(dim=-1).view(1, kv_heads, group * n, length)
-    return (probs @ values).view(1, heads, n, hd).float()
+    return (probs @ values).view(1, heads, n, hd)
 
 
 def _rms(norm, x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +172,14 @@ class LeanForward:
         self.exact = any(isinstance(m, Int8Linear) for m in model.modules()) if exact is None else exact
         self.dtype = torch.float64 if self.exact else self.embed.weight.dtype  # of the KV cache
         self.device = self.embed.weight.device
+        # The row kernels run the int8 layers' norms, quantization, rescaling and rotary embedding.
+        self.kernels = row_kernels() if self.exact and self._kernels_apply(model) else None
+
+    def _kernels_apply(self, model) -> bool:
+        """Whether every layer is one the row kernels cover: int8 products, no q/k norms, on a CPU."""
+        linears = [getattr(layer, name) for layer in self.layers for name in ("qkv", "o", "gate_up", "down")]
+        plain = all(layer.q_norm is None for layer in self.layers)
+        return self.device.type == "cpu" and plain and all(isinstance(m, Int8Linear) for m in linears)
 
     def new_cache(self, capacity: int = 512) -> LeanCache:
         return LeanCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device, capacity)
@@ -184,12 +193,14 @@ class LeanForward:
         end = past + n
         x = self.embed(tokens)  # (n, H)
         cos, sin = self.rotary(x, positions[None])  # (1, n, hd) each
-        cos, sin = cos[:, None], sin[:, None]  # (1, 1, n, hd)
         if mask is None and n > 1:  # plain causal over the cache and the new tokens
             causal = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(diagonal=past)
             mask = causal[None, None]
         if self.exact and mask is not None and mask.is_floating_point():
             mask = mask.double()  # once per forward, not once per layer
+        if self.kernels is not None:
+            return self._forward_rows(x, cos[0].contiguous(), sin[0].contiguous(), mask, cache, capture)
+        cos, sin = cos[:, None], sin[:, None]  # (1, 1, n, hd)
         hd, qn, kvn = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
         streams = {}
         for i, layer in enumerate(self.layers):
@@ -210,7 +221,7 @@ class LeanForward:
             cache.values[i, :, :, past:end] = v.transpose(0, 1)[None]
             keys, values = cache.keys[i, :, :, :end], cache.values[i, :, :, :end]
             if self.exact:
-                out = _exact_attention(q, keys, values, mask, layer.scaling)
+                out = _exact_attention(q, keys, values, mask, layer.scaling).float()
             else:
                 out = F.scaled_dot_product_attention(
                     q, keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=self.kv_heads != self.heads
@@ -222,6 +233,45 @@ class LeanForward:
         if len(self.layers) in capture:
             streams[len(self.layers)] = x  # the last layer's output (an aux id of L - 1)
         return _rms(self.norm, x), [streams[i] for i in capture]
+
+
+    def _forward_rows(self, x, cos, sin, mask, cache: LeanCache, capture) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`forward` for int8 layers through the row kernels (engine/kernels.c): per layer four integer
+        products, four kernel calls, float64 attention and the MLP's silu in torch. x (n, H) is the
+        residual stream, updated in place; cos, sin (n, hd)."""
+        rows, layers = self.kernels, self.layers
+        past, end = cache.length, cache.length + x.shape[0]
+        streams = {}
+        norm = layers[0].norm_in
+        q, scale = rows.rms_quantize(x, norm.weight, norm.variance_epsilon)  # (n, H) int8, (n, 1)
+        for i, layer in enumerate(layers):
+            if i in capture:
+                streams[i] = x.clone()
+            qkv, o, gate_up, down = layer.qkv, layer.o, layer.gate_up, layer.down
+            acc = torch._int_mm(q, qkv.qweight_t)  # (n, qn + 2 kvn) int32
+            keys, values = cache.keys[i, 0], cache.values[i, 0]  # (kv_heads, capacity, hd) float64
+            qd = rows.qkv_rotate_store(
+                acc, qkv.wscale, scale, qkv.bias, cos, sin, self.heads, self.kv_heads, self.head_dim, keys, values, past
+            )  # (1, heads, n, hd) float64
+            out = _exact_attention(qd, keys[None, :, :end], values[None, :, :end], mask, layer.scaling)
+            q, scale = rows.heads_quantize(out)  # (n, qn)
+            post = layer.norm_post
+            acc = torch._int_mm(q, o.qweight_t)  # (n, H)
+            eps = post.variance_epsilon
+            q, scale = rows.residual_rms_quantize(acc, o.wscale, scale, o.bias, x, post.weight, eps)
+            acc = torch._int_mm(q, gate_up.qweight_t)  # (n, 2 I)
+            gate, up = rows.rescale(acc, gate_up.wscale, scale, gate_up.bias).chunk(2, dim=-1)
+            q, scale = rows.quantize(F.silu(gate) * up)  # (n, I)
+            acc = torch._int_mm(q, down.qweight_t)  # (n, H)
+            norm = layers[i + 1].norm_in if i + 1 < len(layers) else None
+            weight, eps = (norm.weight, norm.variance_epsilon) if norm is not None else (None, 0.0)
+            quantized = rows.residual_rms_quantize(acc, down.wscale, scale, down.bias, x, weight, eps)
+            if quantized is not None:  # the next layer's input
+                q, scale = quantized
+        cache.length = end
+        if len(layers) in capture:
+            streams[len(layers)] = x
+        return rows.rms_norm(x, self.norm.weight, self.norm.variance_epsilon), [streams[i] for i in capture]
 
 
 def attach_lean(model) -> bool:

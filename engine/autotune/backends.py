@@ -36,6 +36,7 @@ from engine.backend import PROBE_NODES, BackendChoice, BackendRate, choose_backe
 from engine.checkpoint import load_head
 from engine.decode import Engine
 from engine.hardware import hardware_info
+from engine.kernels import kernels_id
 from engine.models import cache_dir
 
 FORMAT = 2  # bump when the cached choice changes meaning
@@ -89,6 +90,7 @@ def backend_key(model, head_dir: Path, candidates: tuple[str, ...]) -> dict:
         "isa": hw["isa"],
         "threads": hw["threads"],
         "torch": hw["torch"],
+        "int8_rows": kernels_id(),
         "candidates": list(candidates),
     }
 

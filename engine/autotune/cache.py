@@ -21,6 +21,7 @@ from engine.config import SamplingConfig, TreeConfig
 from engine.decode import Engine
 from engine.hardware import hardware_info
 from engine.head import weights_digest
+from engine.kernels import kernels_id
 from engine.models import cache_dir
 
 FORMAT = 1  # bump when the cached JSON changes meaning
@@ -116,6 +117,8 @@ def tuning_key(engine: Engine, sampling: SamplingConfig = SamplingConfig()) -> d
     }
     if engine.device.type == "cpu":  # the same CPU model ships with and without bf16 or AMX kernels
         key["isa"] = hw["isa"]
+        if engine.backend == "int8":
+            key["int8_rows"] = kernels_id()
     if not sampling.greedy:  # greedy keys carry no sampling entry: greedy tunings cached before stay valid
         key["sampling"] = asdict(sampling)
     return key

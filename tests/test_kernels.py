@@ -1,0 +1,148 @@
+"""The C row kernels of the int8 backend (engine/kernels.c): built here, equal to the torch steps they
+replace (bit for bit where promised), batch-independent, and a lean forward through them that matches the
+same forward in torch ops. Where they cannot be built, the engine says why and runs torch ops.
+
+The lossless tests of tests/test_int8_lean.py run on whichever path the machine gets; the CI machine has
+a C compiler, so there they run through the kernels.
+"""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import kernels
+from engine.int8 import quantize_int8, quantize_rows
+from engine.kv import new_cache
+from engine.lean import LeanForward, _rotate, attach_lean
+from engine.tree import make_tree
+from engine.verify import target_forward, tree_attention_mask
+from tests.tiny import tiny_model
+
+needs_compiler = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    if kernels._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    built = kernels.row_kernels()
+    assert built is not None, kernels.kernel_status()  # a compiler is here: the build must succeed
+    return built
+
+
+def test_quantize_and_rescale_equal_the_torch_steps_bit_for_bit(rows):
+    torch.manual_seed(0)
+    x = torch.randn(7, 576) * torch.logspace(-3, 3, 7)[:, None]
+    x[3] = 0.0  # an all-zero row takes the 1e-12 floor of the scale
+    q, scale = rows.quantize(x)
+    want_q, want_scale = quantize_rows(x)
+    assert torch.equal(q, want_q) and torch.equal(scale, want_scale)
+    acc = torch.randint(-(2**20), 2**20, (7, 300), dtype=torch.int32)
+    wscale, bias = torch.rand(1, 300), torch.randn(300)
+    for b in (None, bias):
+        want = acc.float().mul_(wscale).mul_(scale)
+        want = want if b is None else want.add_(b)
+        assert torch.equal(rows.rescale(acc, wscale, scale, b), want)
+
+
+def test_rms_norm_matches_torch_to_rounding(rows):
+    torch.manual_seed(1)
+    x, weight = torch.randn(5, 576) * 4, torch.rand(576) + 0.5
+    torch.testing.assert_close(rows.rms_norm(x, weight, 1e-5), F.rms_norm(x, (576,), weight, 1e-5), atol=0, rtol=1e-6)
+    q, scale = rows.rms_quantize(x, weight, 1e-5)
+    assert torch.equal((q, scale)[0], rows.quantize(rows.rms_norm(x, weight, 1e-5))[0])
+
+
+def test_residual_and_rotary_steps(rows):
+    torch.manual_seed(2)
+    n, heads, kv_heads, hd, capacity, past = 3, 4, 2, 16, 12, 5
+    width = (heads + 2 * kv_heads) * hd
+    acc = torch.randint(-5000, 5000, (n, width), dtype=torch.int32)
+    wscale, xscale, bias = torch.rand(1, width) / 100, torch.rand(n, 1), torch.randn(width)
+    cos, sin = torch.rand(n, hd), torch.rand(n, hd)
+    keys = torch.zeros(kv_heads, capacity, hd, dtype=torch.float64)
+    values = torch.zeros_like(keys)
+    q = rows.qkv_rotate_store(acc, wscale, xscale, bias, cos, sin, heads, kv_heads, hd, keys, values, past)
+    y = acc.float().mul_(wscale).mul_(xscale).add_(bias).view(n, heads + 2 * kv_heads, hd).transpose(0, 1)
+    rotated = _rotate(y[None], cos, sin)[0]  # (heads + 2 kv_heads, n, hd): the torch path's float32 rotation
+    assert torch.equal(q[0], rotated[:heads].double())
+    assert torch.equal(keys[:, past : past + n], rotated[heads : heads + kv_heads].double())
+    assert torch.equal(values[:, past : past + n], y[heads + kv_heads :].double())
+    assert (keys[:, :past] == 0).all() and (keys[:, past + n :] == 0).all()  # nothing else written
+    # the residual add, then the next norm's quantized input
+    x = torch.randn(n, 64)
+    acc, wscale = torch.randint(-5000, 5000, (n, 64), dtype=torch.int32), torch.rand(1, 64) / 100
+    want = x + acc.float().mul_(wscale).mul_(xscale)
+    weight = torch.rand(64) + 0.5
+    q, scale = rows.residual_rms_quantize(acc, wscale, xscale, None, x, weight, 1e-6)
+    assert torch.equal(x, want)
+    assert torch.equal(q, rows.rms_quantize(want, weight, 1e-6)[0])
+    # attention heads (1, heads, n, hd) float64 -> rows (n, heads * hd) in float32, quantized
+    out = torch.randn(1, heads, n, hd, dtype=torch.float64)
+    q, scale = rows.heads_quantize(out)
+    want_q, want_scale = quantize_rows(out[0].transpose(0, 1).reshape(n, heads * hd).float())
+    assert torch.equal(q, want_q) and torch.equal(scale, want_scale)
+
+
+def int8_llama(seed: int = 0):
+    model = tiny_model("llama", layers=2, seed=seed)
+    quantize_int8(model)
+    attach_lean(model)
+    return model
+
+
+def test_lean_forward_through_kernels_matches_torch_ops(rows):
+    model = int8_llama()
+    assert model.lean.kernels is not None
+    torch_ops = LeanForward(model)
+    torch_ops.kernels = None
+    ids = torch.randint(1, 64, (26,))
+    parents, depths = torch.tensor([-1, 0, 0, 1, 1, 3]), torch.tensor([0, 1, 1, 2, 2, 3])
+    tree = make_tree(ids[20:26], parents, depths, torch.zeros(6), max_depth=3)
+    mask = tree_attention_mask(tree, 20, torch.float32)
+    results = []
+    for forward in (model.lean, torch_ops):
+        model.lean = forward
+        cache = new_cache(model)
+        _, prompt = target_forward(model, ids[:20], torch.arange(20), None, cache)
+        _, verify = target_forward(model, tree.tokens, 20 + tree.depths, mask, cache)
+        results.append((prompt, verify, cache.keys[:, :, :, :26].clone()))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_tree_rows_equal_lone_tokens_bit_for_bit(rows):
+    """The invariant the int8 promise stands on, through the kernels: each tree node's logits equal
+    those of a one-token step over its own path."""
+    model = int8_llama(seed=3)
+    ids = torch.randint(1, 64, (12,))
+    cache = new_cache(model)
+    target_forward(model, ids[:8], torch.arange(8), None, cache)
+    parents, depths = torch.tensor([-1, 0, 0, 2, 2]), torch.tensor([0, 1, 1, 2, 2])
+    tree = make_tree(torch.tensor([ids[8], 5, ids[9], 7, ids[10]]), parents, depths, torch.zeros(5), max_depth=2)
+    mask = tree_attention_mask(tree, 8, torch.float32)
+    _, tree_logits = target_forward(model, tree.tokens, 8 + tree.depths, mask, cache)
+    alone = new_cache(model)
+    target_forward(model, ids[:8], torch.arange(8), None, alone)
+    for node, position in ((0, 8), (2, 9), (4, 10)):  # the path root, ids[9], ids[10], one token at a time
+        _, logits = target_forward(model, tree.tokens[node : node + 1], torch.tensor([position]), None, alone)
+        assert torch.equal(logits[0], tree_logits[node])
+
+
+@needs_compiler
+def test_off_and_failed_builds_fall_back_with_a_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("EAGLE_CHAT_KERNELS", "0")
+    assert kernels.load_kernels() is None and "EAGLE_CHAT_KERNELS=0" in kernels.kernel_status()
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.delenv("EAGLE_CHAT_KERNELS")
+    monkeypatch.setenv("EAGLE_CHAT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", shutil.which("false") or "false")  # a "compiler" that fails
+    assert kernels.load_kernels() is None and "not built" in kernels.kernel_status()
+    assert kernels.row_kernels() is None
+    model = int8_llama()  # built while the kernels are unavailable: torch ops, same interface
+    assert model.lean.kernels is None
+    _, logits = target_forward(model, torch.tensor([1, 2, 3]), torch.arange(3), None, new_cache(model))
+    assert logits.shape == (3, 64)
