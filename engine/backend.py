@@ -39,9 +39,11 @@ BACKENDS = {
 CPU_CANDIDATES = ("int8", "fp32", "bf16")
 PROBE_NODES = (1, 16)  # a first look at every candidate; a candidate slower at both is not measured further
 DOMINATED = 1.25  # ... when it is at least this much slower than another candidate at each probe
-# EAGLE-2 is the default method where plain EAGLE-2 (no prompt-lookup branch) is expected to be at least
-# this much faster than vanilla decoding; the app's lookup branch comes on top of that estimate.
-MARGIN = 1.0
+# EAGLE-2 is the default method where plain EAGLE-2 (no prompt-lookup branch) is expected at least at this
+# share of vanilla decoding's speed. The estimate leaves out the app's lookup branch, which comes on top:
+# on the int8 backend with the C row kernels plain EAGLE-2 was expected at 0.98x vanilla, and the
+# benchmark measured 1.06x for it and 1.62x with the branch (docs/performance.md).
+MARGIN = 0.9
 # At temperature > 0 the app drafts by default only where the tuned sampling tree is expected to beat vanilla
 # by this much: the expectation leaves out the prompt-lookup branch's nodes, which rarely match when sampling.
 SAMPLED_MARGIN = 1.2
@@ -109,14 +111,19 @@ class BackendChoice:
             f"{r.backend} {r.best:.0f}" + ("" if r.eagle_tokens_per_s else " (slower at the probe)")
             for r in self.rates[1:]
         )
-        what = "EAGLE-2" if self.method == "eagle2" else "vanilla decoding (no draft tree pays here)"
-        line = f"{self.backend} backend: {what} expected at {best.best:.0f} tokens/s"
+        if self.method == "vanilla":
+            what = "vanilla decoding (no draft tree pays here)"
+            line = f"{self.backend} backend: {what} expected at {best.best:.0f} tokens/s"
+        else:
+            line = f"{self.backend} backend: EAGLE-2 expected at {best.eagle_tokens_per_s:.0f} tokens/s"
+            if best.eagle_tokens_per_s < best.vanilla_tokens_per_s:
+                line += f" before its prompt-lookup branch (vanilla {best.vanilla_tokens_per_s:.0f})"
         return line + (f"; against {others} tokens/s" if others else "")
 
 
 def choose_backend(rates: list[BackendRate]) -> BackendChoice:
     """The backend whose best method is fastest (ties: the order given); the method is EAGLE-2 where it
-    is expected to beat vanilla decoding there by MARGIN, else vanilla."""
+    is expected at MARGIN of vanilla decoding's speed there or more, else vanilla."""
     if not rates:
         raise ValueError("no backend was measured")
     ranked = sorted(rates, key=lambda r: -r.best)  # stable: ties keep the given order

@@ -53,6 +53,16 @@ def test_vanilla_is_the_default_where_no_tree_pays():
         choose_backend([])
 
 
+def test_eagle2_stays_the_default_near_parity_before_the_lookup_branch():
+    """Plain EAGLE-2's estimate leaves out the lookup branch: at 0.95x vanilla it is still chosen, at
+    0.85x it is not."""
+    near = choose_backend([BackendRate("int8", vanilla_tokens_per_s=56.0, eagle_tokens_per_s=53.2, tree=(4, 3, 4))])
+    assert near.method == "eagle2"
+    assert "EAGLE-2 expected at 53 tokens/s before its prompt-lookup branch (vanilla 56)" in near.reason()
+    below = choose_backend([BackendRate("int8", vanilla_tokens_per_s=56.0, eagle_tokens_per_s=47.6, tree=(4, 3, 4))])
+    assert below.method == "vanilla"
+
+
 def test_variants_are_the_named_backends():
     model = tiny_model("llama", layers=1)
     assert backend_name(variant(model, "fp32")) == "fp32"

@@ -72,7 +72,7 @@ class CpuTuning:
                         tuple(r["tree"]) if r["tree"] else None)  # fmt: skip
             for r in data["choice"]["rates"]
         )
-        choice = BackendChoice(data["choice"]["backend"], data["choice"]["method"], rates)
+        choice = choose_backend(list(rates))  # the measured rates are cached; the rule that reads them is today's
         return cls(
             choice, TuneResult.from_json(data["greedy"]), TuneResult.from_json(data["sampling"]),
             data["acceptance_source"], 0.0,
