@@ -237,7 +237,7 @@ class LeanForward:
 
     def _forward_rows(self, x, cos, sin, mask, cache: LeanCache, capture) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """`forward` for int8 layers through the row kernels (engine/kernels.c): per layer four integer
-        products, four kernel calls, float64 attention and the MLP's silu in torch. x (n, H) is the
+        products, six kernel calls, float64 attention and the MLP's silu in torch. x (n, H) is the
         residual stream, updated in place; cos, sin (n, hd)."""
         rows, layers = self.kernels, self.layers
         past, end = cache.length, cache.length + x.shape[0]
