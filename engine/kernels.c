@@ -76,10 +76,7 @@ void residual_rms_quantize(const int32_t *acc, const float *wscale, const float 
     for (long i = 0; i < n; i++) {
         float *xi = x + i * K;
         for (long k = 0; k < K; k++) xi[k] = xi[k] + rescale(acc[i * K + k], wscale[k], xscale[i], bias, k);
-        if (w) {
-            rms_norm_rows(xi, w, eps, 1, K, h);
-            quantize_row(h, K, q + i * K, scale + i);
-        }
+        if (w) rms_quantize(xi, w, eps, 1, K, h, q + i * K, scale + i);
     }
 }
 

@@ -33,7 +33,7 @@ SIGNATURES = {
     "heads_quantize": (P, L, L, L, P, P, P),
 }
 
-_loaded: dict[str, object] = {}  # "lib": the CDLL or None, "status": why
+_loaded: dict[str, object] = {}  # "lib": the CDLL or None, "status": why, "id": the built library's key
 
 
 def _compiler() -> str | None:
@@ -75,10 +75,12 @@ def load_kernels():
         from engine.models import cache_dir
 
         try:
-            lib = ctypes.CDLL(str(_build(compiler, cache_dir() / "kernels")))
+            path = _build(compiler, cache_dir() / "kernels")
+            lib = ctypes.CDLL(str(path))
             for name, args in SIGNATURES.items():
                 getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
             status = f"C kernels ({Path(compiler).name} -march=native)"
+            _loaded["id"] = f"C {path.stem.removeprefix('int8_cpu-')}"  # source, compiler and ISA flags
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             lib, status = None, f"C kernels not built ({error}); using torch ops"
     _loaded.update(lib=lib, status=status)
@@ -92,9 +94,7 @@ def kernel_status() -> str:
 
 def kernels_id() -> str:
     """Which code runs the int8 rows, for cache keys: measured speeds hold for that code only."""
-    if load_kernels() is None:
-        return "torch ops"
-    return f"C {hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
+    return "torch ops" if load_kernels() is None else str(_loaded["id"])
 
 
 class RowKernels:

@@ -173,9 +173,9 @@ class LeanForward:
         self.dtype = torch.float64 if self.exact else self.embed.weight.dtype  # of the KV cache
         self.device = self.embed.weight.device
         # The row kernels run the int8 layers' norms, quantization, rescaling and rotary embedding.
-        self.kernels = row_kernels() if self.exact and self._kernels_apply(model) else None
+        self.kernels = row_kernels() if self.exact and self._kernels_apply() else None
 
-    def _kernels_apply(self, model) -> bool:
+    def _kernels_apply(self) -> bool:
         """Whether every layer is one the row kernels cover: int8 products, no q/k norms, on a CPU."""
         linears = [getattr(layer, name) for layer in self.layers for name in ("qkv", "o", "gate_up", "down")]
         plain = all(layer.q_norm is None for layer in self.layers)
@@ -233,7 +233,6 @@ class LeanForward:
         if len(self.layers) in capture:
             streams[len(self.layers)] = x  # the last layer's output (an aux id of L - 1)
         return _rms(self.norm, x), [streams[i] for i in capture]
-
 
     def _forward_rows(self, x, cos, sin, mask, cache: LeanCache, capture) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """`forward` for int8 layers through the row kernels (engine/kernels.c): per layer four integer

@@ -55,13 +55,13 @@ def main() -> None:
     with_kernels = int8.lean
     torch_ops = LeanForward(int8)
     torch_ops.kernels = None
-    rows = [("fp32", fp32, None), ("int8, C row kernels", int8, with_kernels), ("int8, torch ops", int8, torch_ops)]
+    rows = [("fp32", fp32, getattr(fp32, "lean", None)), ("int8, torch ops", int8, torch_ops)]
+    if with_kernels.kernels is not None:
+        rows.insert(1, ("int8, C row kernels", int8, with_kernels))
+    else:
+        print("int8, C row kernels: not available on this machine")
     for name, model, lean in rows:
-        if lean is not None:
-            model.lean = lean
-        if name.endswith("kernels") and lean.kernels is None:
-            print(f"{name}: not available on this machine")
-            continue
+        model.lean = lean
         agree, nll, total = score(model, replies)
         print(f"{name:22s} argmax = fp32's at {agree:.1%} of {total} positions, NLL/token {nll:.3f}")
 
