@@ -16,6 +16,8 @@ norms and attention stay float32. The lm_head keeps a reference to its float wei
 embeddings in most small models, so no extra memory) for code that reads `lm_head.weight`.
 """
 
+import functools
+
 import torch
 from torch import nn
 
@@ -61,7 +63,7 @@ class Int8Linear(nn.Module):
         rows = row_kernels() if x.device.type == "cpu" else None
         if rows is not None:  # the same steps in two calls (engine/kernels.c), bit for bit
             q, scale = rows.quantize(x.contiguous())
-            return rows.rescale(torch._int_mm(q, self.qweight_t), self.wscale, scale, self.bias).view(
+            return rows.rescale(rows.int_mm(q, self), self.wscale, scale, self.bias).view(
                 *shape[:-1], self.out_features
             )
         q, scale = quantize_rows(x)
@@ -83,6 +85,15 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row x per-channel"
+
+
+@functools.cache
+def int_mm_exact() -> bool:
+    """Whether torch._int_mm sums exactly on this CPU. oneDNN's int8 product does with VNNI; without it
+    (AVX2, AVX-512F) it adds byte products in pairs in saturating int16, which 2 * 127 * 127 overflows.
+    The C products (engine/kernels.c) are exact everywhere."""
+    a, w = torch.full((1, 64), 127, dtype=torch.int8), torch.full((64, 16), 127, dtype=torch.int8)
+    return bool((torch._int_mm(a, w) == 64 * 127 * 127).all())
 
 
 def int8_supported() -> bool:

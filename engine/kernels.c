@@ -12,6 +12,11 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define QMAX 127.0f
 
@@ -81,20 +86,20 @@ void residual_rms_quantize(const int32_t *acc, const float *wscale, const float 
 }
 
 /* x * cos + rotate_half(x) * sin for one head of hd values (transformers' rotate_half convention). */
-static void rotate(const float *v, const float *cos, const float *sin, long hd, double *out) {
+static void rotate(const float *v, const float *cos, const float *sin, long hd, float *out) {
     long half = hd / 2;
     for (long d = 0; d < hd; d++) {
         float rotated = d < half ? -v[d + half] : v[d - half];
-        out[d] = (double)(v[d] * cos[d] + rotated * sin[d]);
+        out[d] = v[d] * cos[d] + rotated * sin[d];
     }
 }
 
 /* The fused q/k/v product's rows, rescaled: q and k rotated (cos, sin: (n, hd)); q written to
-   q_out (heads, n, hd) and k, v to this layer's float64 cache (kv_heads, capacity, hd) at past + i.
+   q_out (heads, n, hd) and k, v to this layer's cache (kv_heads, capacity, hd) at past + i.
    `v` is scratch of hd floats. */
 void qkv_rotate_store(const int32_t *acc, const float *wscale, const float *xscale, const float *bias,
                       const float *cos, const float *sin, long n, long heads, long kv_heads, long hd,
-                      double *q_out, double *keys, double *values, long capacity, long past, float *v) {
+                      float *q_out, float *keys, float *values, long capacity, long past, float *v) {
     long width = (heads + 2 * kv_heads) * hd;
     for (long i = 0; i < n; i++) {
         const int32_t *row = acc + i * width;
@@ -109,19 +114,444 @@ void qkv_rotate_store(const int32_t *acc, const float *wscale, const float *xsca
             } else if (h < heads + kv_heads) {
                 rotate(v, c, s, hd, keys + ((h - heads) * capacity + past + i) * hd);
             } else {
-                double *dst = values + ((h - heads - kv_heads) * capacity + past + i) * hd;
-                for (long d = 0; d < hd; d++) dst[d] = (double)v[d];
+                float *dst = values + ((h - heads - kv_heads) * capacity + past + i) * hd;
+                for (long d = 0; d < hd; d++) dst[d] = v[d];
             }
         }
     }
 }
 
-/* The attention output (heads, n, hd) in float64, as rows (n, heads * hd) in float32, quantized.
-   `h` is scratch of heads * hd floats. */
-void heads_quantize(const double *o, long n, long heads, long hd, float *h, int8_t *q, float *scale) {
-    for (long i = 0; i < n; i++) {
-        for (long head = 0; head < heads; head++)
-            for (long d = 0; d < hd; d++) h[head * hd + d] = (float)o[(head * n + i) * hd + d];
-        quantize_row(h, heads * hd, q + i * heads * hd, scale + i);
+/* ---- attention whose every row is computed alone ----
+
+   Query i attends to the keys it may see, taken in cache order; every sum over keys (the softmax's
+   denominator, the weighted values) runs over that ordered list one key at a time, and every sum
+   over a head's dimensions in one fixed order. So a query's output depends only on its own vector and
+   the keys and values it sees, never on which other queries or hidden keys share the call: a tree
+   node gets the bits a one-token step over its own path gets (its ancestors precede it in the tree,
+   as its path's tokens precede it in the cache). Loops that only map (scores, exponentials) or that
+   keep one sum per lane are written so the compiler vectorizes them without reordering a sum. */
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define VEC 16
+typedef __m512 vec;
+#define vzero() _mm512_setzero_ps()
+#define vload(p) _mm512_loadu_ps(p)
+#define vstore(p, v) _mm512_storeu_ps(p, v)
+#define vset(x) _mm512_set1_ps(x)
+#define vadd(a, b) _mm512_add_ps(a, b)
+#define vmul(a, b) _mm512_mul_ps(a, b)
+#define vsum(v) _mm512_reduce_add_ps(v)
+#define vmax(a, b) _mm512_max_ps(a, b)
+#define vfloor(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)
+#define vpow2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
+#define vdiv(a, b) _mm512_div_ps(a, b)
+#define vif_nonnegative(g, a, b) _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ), b, a)
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define VEC 8
+typedef __m256 vec;
+#define vzero() _mm256_setzero_ps()
+#define vload(p) _mm256_loadu_ps(p)
+#define vstore(p, v) _mm256_storeu_ps(p, v)
+#define vset(x) _mm256_set1_ps(x)
+#define vadd(a, b) _mm256_add_ps(a, b)
+#define vmul(a, b) _mm256_mul_ps(a, b)
+#define vmax(a, b) _mm256_max_ps(a, b)
+#define vfloor(v) _mm256_floor_ps(v)
+#define vpow2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+#define vdiv(a, b) _mm256_div_ps(a, b)
+#define vif_nonnegative(g, a, b) _mm256_blendv_ps(b, a, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_GE_OQ))
+static inline float vsum(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+#else
+#define VEC 1
+typedef float vec;
+#define vzero() 0.0f
+#define vload(p) (*(p))
+#define vstore(p, v) (*(p) = (v))
+#define vset(x) (x)
+#define vadd(a, b) ((a) + (b))
+#define vmul(a, b) ((a) * (b))
+#define vsum(v) (v)
+#define vmax(a, b) ((a) > (b) ? (a) : (b))
+#define vfloor(v) floorf(v)
+#define vdiv(a, b) ((a) / (b))
+#define vif_nonnegative(g, a, b) ((g) >= 0.0f ? (a) : (b))
+static inline float vpow2(float n) {
+    union { int32_t i; float f; } u = {.i = ((int32_t)n + 127) << 23};
+    return u.f;
+}
+#endif
+#define MAX_CHUNKS 16 /* head_dim up to 16 * VEC in registers */
+
+/* q . k over hd values (hd % VEC == 0): per lane a running sum over the chunks, then one fixed
+   reduction of the lanes. */
+static inline float dot(const float *q, const float *k, long hd) {
+    vec acc = vmul(vload(q), vload(k));
+    for (long d = VEC; d < hd; d += VEC) acc = vadd(acc, vmul(vload(q + d), vload(k + d)));
+    return vsum(acc);
+}
+
+/* e^x for x <= 0 (to float32 rounding, about 2 ulp), VEC values at a time: 2^n * p(r) with
+   n = floor(x / ln 2 + 1/2), r = x - n ln 2 (ln 2 in two parts), p the degree-6 Taylor polynomial. */
+static inline vec exp_nonpositive(vec x) {
+    x = vmax(x, vset(-87.0f));
+    vec n = vfloor(vadd(vmul(x, vset(1.44269504f)), vset(0.5f)));
+    vec r = vadd(vadd(x, vmul(n, vset(-0.693145752f))), vmul(n, vset(-1.42860677e-06f)));
+    vec p = vset(0.00138888892f);
+    p = vadd(vmul(p, r), vset(0.00833333377f));
+    p = vadd(vmul(p, r), vset(0.0416666679f));
+    p = vadd(vmul(p, r), vset(0.166666672f));
+    p = vadd(vmul(p, r), vset(0.5f));
+    p = vadd(vmul(p, r), vset(1.0f));
+    p = vadd(vmul(p, r), vset(1.0f));
+    return vmul(p, vpow2(n));
+}
+
+/* One query head over its visible keys `seen` (count, in cache order): out (hd) = softmax(q k * scale) v.
+   `s` is scratch of count floats. */
+static inline __attribute__((always_inline)) void attend(const float *q, const float *keys, const float *values,
+                                                        const long *seen, long count, const long hd, float scale,
+                                                        float *s, float *out) {
+    float top = -INFINITY;
+    for (long t = 0; t < count; t++) {
+        s[t] = dot(q, keys + seen[t] * hd, hd) * scale;
+        top = s[t] > top ? s[t] : top;
     }
+    /* exponentials and their sum, VEC at a time (s has room for count rounded up to VEC) */
+    for (long t = count; t % VEC; t++) s[t] = -INFINITY;
+    vec sums = vzero();
+    for (long t = 0; t < count; t += VEC) {
+        vec e = exp_nonpositive(vadd(vload(s + t), vset(-top)));
+        vstore(s + t, e);
+        sums = vadd(sums, e);
+    }
+    float total = vsum(sums);
+    const long chunks = hd / VEC;
+    vec acc[MAX_CHUNKS];
+    for (long c = 0; c < chunks; c++) acc[c] = vzero();
+    for (long t = 0; t < count; t++) {
+        const float *v = values + seen[t] * hd;
+        vec e = vset(s[t]);
+        for (long c = 0; c < chunks; c++) acc[c] = vadd(acc[c], vmul(e, vload(v + c * VEC)));
+    }
+    for (long c = 0; c < chunks; c++) vstore(out + c * VEC, acc[c]);
+    for (long d = 0; d < hd; d++) out[d] = out[d] / total;
+}
+
+/* Whether attention_rows runs for this head size (else the caller uses torch). */
+int attention_fits(long hd) { return hd % VEC == 0 && hd / VEC <= MAX_CHUNKS; }
+
+/* out (n, heads * hd) = softmax(q k^T * scale) v per head, over keys/values (kv_heads, capacity, hd),
+   entries 0 .. end; visible (n, end) bytes (1: query i may see key j), or NULL: every key.
+   Query heads g * group .. g * group + group - 1 read kv head g (transformers' order). */
+void attention_rows(const float *q, const float *keys, const float *values, long capacity, long end, long n,
+                    long heads, long kv_heads, long hd, const uint8_t *visible, float scale, float *out,
+                    int threads) {
+    long group = heads / kv_heads;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (threads > 1 && n * kv_heads > 1)
+    for (long i = 0; i < n; i++) {
+        for (long g = 0; g < kv_heads; g++) {
+            long *seen = malloc(end * sizeof(long));
+            float *s = malloc((end + VEC) * sizeof(float));
+            long count = 0;
+            for (long j = 0; j < end; j++)
+                if (!visible || visible[i * end + j]) seen[count++] = j;
+            const float *kg = keys + g * capacity * hd, *vg = values + g * capacity * hd;
+            for (long h = g * group; h < (g + 1) * group; h++) {
+                const float *qh = q + (h * n + i) * hd;
+                float *oh = out + i * heads * hd + h * hd;
+                if (hd == 64)  /* the common head sizes with constant loop bounds: sums stay in registers */
+                    attend(qh, kg, vg, seen, count, 64, scale, s, oh);
+                else if (hd == 128)
+                    attend(qh, kg, vg, seen, count, 128, scale, s, oh);
+                else
+                    attend(qh, kg, vg, seen, count, hd, scale, s, oh);
+            }
+            free(seen), free(s);
+        }
+    }
+}
+
+/* The MLP's middle: from the fused gate/up product's rows acc (n, 2 I), gate and up rescaled, then
+   silu(gate) * up quantized into q (n, I), scale (n). silu(g) = g * sigmoid(g), the sigmoid through
+   e = e^-|g|: 1 / (1 + e) for g >= 0, e / (1 + e) below. `h` is scratch of I + VEC floats. */
+void silu_mul_quantize(const int32_t *acc, const float *wscale, const float *xscale, const float *bias, long n,
+                       long I, float *h, int8_t *q, float *scale) {
+    for (long i = 0; i < n; i++) {
+        const int32_t *row = acc + i * 2 * I;
+        for (long j = 0; j < I; j++) h[j] = rescale(row[j], wscale[j], xscale[i], bias, j);  /* gate */
+        for (long j = I; j < I + VEC; j++) h[j] = 0.0f;
+        for (long j = 0; j < I; j += VEC) {  /* every value through the same vector code */
+            vec g = vload(h + j);
+            vec e = exp_nonpositive(vmul(vmax(g, vmul(g, vset(-1.0f))), vset(-1.0f)));
+            vec sigmoid = vdiv(vif_nonnegative(g, vset(1.0f), e), vadd(vset(1.0f), e));
+            vstore(h + j, vmul(g, sigmoid));
+        }
+        for (long j = 0; j < I; j++) h[j] = h[j] * rescale(row[I + j], wscale[I + j], xscale[i], bias, I + j);
+        quantize_row(h, I, q + i * I, scale + i);
+    }
+}
+
+/* ---- int8 x int8 -> int32 products, equal to torch._int_mm bit for bit (integer sums are exact) ----
+
+   oneDNN's int8 GEMM, behind torch._int_mm, reaches a fraction of memory bandwidth for the few rows a
+   decode step or a small tree has. These kernels stream each weight once per call and keep every row's
+   sums in registers. Weights are packed once (`gemm_pack`) into blocks of LANES output channels, each
+   block K/4 groups of LANES x 4 bytes: lane j of group g holds w[n0 + j][4g .. 4g + 3], the four
+   products one instruction sums into lane j's int32.
+     AVX-512 VNNI: vpdpbusd multiplies unsigned by signed bytes, so a row is fed as a + 128 (a byte
+       xor) and 128 * sum_k w[n][k] is subtracted at the end (`corr`);
+     AVX2: |a| times w with a's sign (vpsignb), pairs summed in int16 (vpmaddubsw; at most
+       2 * 127 * 127, so it never saturates), then in int32 (vpmaddwd).
+   Rows are taken ROWS at a time against TILE blocks; OpenMP splits the tiles over the threads (the
+   library links the OpenMP runtime torch already loaded). */
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define GEMM_ISA 2
+#define LANES 16
+#define TILE 4 /* blocks per tile: 4 x 16 channels */
+#define ROWS 6 /* 24 sums + 4 weight vectors in 32 registers */
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define GEMM_ISA 1
+#define LANES 8
+#define TILE 2
+#define ROWS 4 /* 8 sums + 2 weight vectors + temporaries in 16 registers */
+#else
+#define GEMM_ISA 0
+#define LANES 8
+#define TILE 1
+#define ROWS 1
+#endif
+
+/* 2: AVX-512 VNNI, 1: AVX2, 0: none (callers use torch._int_mm); negative: built without OpenMP. */
+int gemm_isa(void) {
+#ifdef _OPENMP
+    return GEMM_ISA;
+#else
+    return -GEMM_ISA;
+#endif
+}
+
+long gemm_lanes(void) { return LANES; }
+
+/* w (N, K) row-major int8, K % 4 == 0 -> packed (ceil(N / LANES) blocks of K * LANES bytes; channels
+   past N are zero) and corr[n] = 128 * sum_k w[n][k] (used by the VNNI kernel). */
+void gemm_pack(const int8_t *w, long N, long K, int8_t *packed, int32_t *corr) {
+    long blocks = (N + LANES - 1) / LANES, groups = K / 4;
+    for (long b = 0; b < blocks; b++)
+        for (long g = 0; g < groups; g++)
+            for (long j = 0; j < LANES; j++) {
+                long n = b * LANES + j;
+                int8_t *dst = packed + ((b * groups + g) * LANES + j) * 4;
+                for (long t = 0; t < 4; t++) dst[t] = n < N ? w[n * K + 4 * g + t] : 0;
+            }
+    for (long n = 0; n < N; n++) {
+        int32_t s = 0;
+        for (long k = 0; k < K; k++) s += w[n * K + k];
+        corr[n] = 128 * s;
+    }
+}
+
+#if GEMM_ISA > 0
+/* out[m][n] for rows m0 .. m0 + rows and blocks b0 .. b0 + nb; `x` is the rows as the kernel reads them
+   (VNNI: a + 128 as unsigned bytes; AVX2: a itself). Inlined with constant `rows` and `nb` (gemm_rows)
+   so that the sums stay in registers. */
+static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *x, long K, const int8_t *packed,
+                                                            const int32_t *corr, long N, int32_t *out, long m0,
+                                                            const long rows, long b0, const long nb) {
+    long groups = K / 4;
+    int32_t lanes[LANES];
+#if GEMM_ISA == 2
+    __m512i acc[ROWS][TILE];
+    for (long r = 0; r < rows; r++)
+        for (long t = 0; t < nb; t++) acc[r][t] = _mm512_setzero_si512();
+    for (long g = 0; g < groups; g++) {
+        __m512i w[TILE];
+        for (long t = 0; t < nb; t++) w[t] = _mm512_loadu_si512(packed + ((b0 + t) * groups + g) * LANES * 4);
+        for (long r = 0; r < rows; r++) {
+            int32_t four;
+            memcpy(&four, x + (m0 + r) * K + 4 * g, 4);
+            __m512i xr = _mm512_set1_epi32(four);
+            for (long t = 0; t < nb; t++) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], xr, w[t]);
+        }
+    }
+    for (long r = 0; r < rows; r++)
+        for (long t = 0; t < nb; t++) {
+            _mm512_storeu_si512(lanes, acc[r][t]);
+            for (long j = 0; j < LANES; j++) {
+                long n = (b0 + t) * LANES + j;
+                if (n < N) out[(m0 + r) * N + n] = lanes[j] - corr[n];
+            }
+        }
+#else
+    __m256i acc[ROWS][TILE];
+    for (long r = 0; r < rows; r++)
+        for (long t = 0; t < nb; t++) acc[r][t] = _mm256_setzero_si256();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (long g = 0; g < groups; g++) {
+        __m256i w[TILE];
+        for (long t = 0; t < nb; t++)
+            w[t] = _mm256_loadu_si256((const __m256i *)(packed + ((b0 + t) * groups + g) * LANES * 4));
+        for (long r = 0; r < rows; r++) {
+            int32_t four;
+            memcpy(&four, x + (m0 + r) * K + 4 * g, 4);
+            __m256i xr = _mm256_set1_epi32(four), ax = _mm256_abs_epi8(xr);
+            for (long t = 0; t < nb; t++) {
+                __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[t], xr));
+                acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+    }
+    (void)corr;
+    for (long r = 0; r < rows; r++)
+        for (long t = 0; t < nb; t++) {
+            _mm256_storeu_si256((__m256i *)lanes, acc[r][t]);
+            for (long j = 0; j < LANES; j++) {
+                long n = (b0 + t) * LANES + j;
+                if (n < N) out[(m0 + r) * N + n] = lanes[j];
+            }
+        }
+#endif
+}
+
+/* gemm_tile over full tiles for `rows` rows (1 .. ROWS), each count compiled on its own */
+static void gemm_rows(const uint8_t *x, long K, const int8_t *packed, const int32_t *corr, long N, int32_t *out,
+                      long m0, long rows, long b0) {
+    switch (rows) {
+#define ROWS_CASE(r) \
+    case r: gemm_tile(x, K, packed, corr, N, out, m0, r, b0, TILE); break;
+        ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4)
+#if ROWS > 4
+        ROWS_CASE(5) ROWS_CASE(6)
+#endif
+#undef ROWS_CASE
+    }
+}
+
+/* the last tile when it has fewer than TILE blocks: one block and one row at a time */
+static void gemm_tail(const uint8_t *x, long K, const int8_t *packed, const int32_t *corr, long N, int32_t *out,
+                      long m0, long rows, long b0, long nb) {
+    for (long b = b0; b < b0 + nb; b++)
+        for (long r = 0; r < rows; r++) gemm_tile(x, K, packed, corr, N, out, m0 + r, 1, b, 1);
+}
+#endif
+
+/* out (M, N) int32 = a (M, K) int8 @ w^T for w packed by gemm_pack; `threads` OpenMP threads. */
+void gemm_int8(const int8_t *a, long M, long K, const int8_t *packed, const int32_t *corr, long N, int32_t *out,
+               int threads) {
+#if GEMM_ISA > 0
+    long blocks = (N + LANES - 1) / LANES, tiles = (blocks + TILE - 1) / TILE;
+    uint8_t stack[8192], *x = M * K <= (long)sizeof stack ? stack : malloc(M * K);
+    for (long i = 0; i < M * K; i++) x[i] = GEMM_ISA == 2 ? (uint8_t)(a[i] + 128) : (uint8_t)a[i];
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && tiles > 1)
+    for (long tile = 0; tile < tiles; tile++) {
+        long b0 = tile * TILE, nb = blocks - b0 < TILE ? blocks - b0 : TILE;
+        for (long m0 = 0; m0 < M; m0 += ROWS) {
+            long rows = M - m0 < ROWS ? M - m0 : ROWS;
+            if (nb == TILE)
+                gemm_rows(x, K, packed, corr, N, out, m0, rows, b0);
+            else
+                gemm_tail(x, K, packed, corr, N, out, m0, rows, b0, nb);
+        }
+    }
+    if (x != stack) free(x);
+#else
+    (void)a, (void)M, (void)K, (void)packed, (void)corr, (void)N, (void)out, (void)threads;
+#endif
+}
+
+/* ---- the whole int8 forward of a lean model in one call ---- */
+
+typedef struct {
+    const int8_t *packed; /* gemm_pack's layout */
+    const int32_t *corr;
+    const float *wscale, *bias; /* (N), (N) or NULL */
+    long N, K;
+} linear_t;
+
+typedef struct {
+    linear_t qkv, o, gate_up, down;
+    const float *norm_in, *norm_post;
+    float eps_in, eps_post, scaling;
+} layer_t;
+
+#if GEMM_ISA > 0
+/* Scratch for forward_rows, one per calling thread, kept between calls: a fresh allocation this size
+   would be mapped and zeroed by the kernel on every call. */
+static __thread char *workspace;
+static __thread size_t workspace_bytes;
+
+static char *scratch(size_t bytes) {
+    if (bytes > workspace_bytes) {
+        free(workspace);
+        workspace = malloc(bytes);
+        workspace_bytes = workspace ? bytes : 0;
+    }
+    return workspace;
+}
+
+static size_t aligned(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
+
+static void product(const int8_t *q, long n, const linear_t *w, int32_t *acc, int threads) {
+    gemm_int8(q, n, w->K, w->packed, w->corr, w->N, acc, threads);
+}
+#endif
+
+/* What engine/lean.py's per-call path computes (`LeanForward._forward_rows`), the same functions in the
+   same order, for n rows through all layers: x (n, H) is the residual stream, updated in place; keys and
+   values (layers, kv_heads, capacity, hd) get entries past .. past + n; out (n, H) the final norm's rows. */
+void forward_rows(const layer_t *layers, long count, float *x, long n, long H, const float *cos, const float *sin,
+                  long heads, long kv_heads, long hd, float *keys, float *values, long capacity, long past,
+                  const uint8_t *visible, const float *final_norm, float final_eps, float *out, int threads) {
+#if GEMM_ISA > 0
+    long widest = H;
+    for (long l = 0; l < count; l++) {
+        const layer_t *w = layers + l;
+        long sizes[] = {w->qkv.N, w->gate_up.N, w->down.K, heads * hd};
+        for (int s = 0; s < 4; s++) widest = sizes[s] > widest ? sizes[s] : widest;
+    }
+    size_t sizes[] = {aligned(n * widest * sizeof(int32_t)), aligned(n * widest), aligned(n * sizeof(float)),
+                      aligned((widest + VEC) * sizeof(float)), aligned(heads * n * hd * sizeof(float))};
+    size_t total = 0;
+    for (int s = 0; s < 5; s++) total += sizes[s];
+    char *base = scratch(total + aligned(n * heads * hd * sizeof(float)));
+    if (!base) return;
+    int32_t *acc = (int32_t *)base;
+    int8_t *q = (int8_t *)(base += sizes[0]);
+    float *scale = (float *)(base += sizes[1]);
+    float *h = (float *)(base += sizes[2]);
+    float *qf = (float *)(base += sizes[3]);
+    float *att = (float *)(base + sizes[4]);
+    long layer_kv = kv_heads * capacity * hd, end = past + n;
+    rms_quantize(x, layers[0].norm_in, layers[0].eps_in, n, H, h, q, scale);
+    for (long l = 0; l < count; l++) {
+        const layer_t *w = layers + l;
+        float *k = keys + l * layer_kv, *v = values + l * layer_kv;
+        product(q, n, &w->qkv, acc, threads);
+        qkv_rotate_store(acc, w->qkv.wscale, scale, w->qkv.bias, cos, sin, n, heads, kv_heads, hd, qf, k, v,
+                         capacity, past, h);
+        attention_rows(qf, k, v, capacity, end, n, heads, kv_heads, hd, visible, w->scaling, att, threads);
+        quantize_rows(att, n, heads * hd, q, scale);
+        product(q, n, &w->o, acc, threads);
+        residual_rms_quantize(acc, w->o.wscale, scale, w->o.bias, x, w->norm_post, w->eps_post, n, H, h, q, scale);
+        product(q, n, &w->gate_up, acc, threads);
+        silu_mul_quantize(acc, w->gate_up.wscale, scale, w->gate_up.bias, n, w->down.K, h, q, scale);
+        product(q, n, &w->down, acc, threads);
+        const layer_t *next = l + 1 < count ? w + 1 : NULL;
+        residual_rms_quantize(acc, w->down.wscale, scale, w->down.bias, x, next ? next->norm_in : NULL,
+                              next ? next->eps_in : 0.0f, n, H, h, q, scale);
+    }
+    rms_norm_rows(x, final_norm, final_eps, n, H, out);
+#else
+    (void)layers, (void)count, (void)x, (void)n, (void)H, (void)cos, (void)sin, (void)heads, (void)kv_heads;
+    (void)hd, (void)keys, (void)values, (void)capacity, (void)past, (void)visible, (void)final_norm;
+    (void)final_eps, (void)out, (void)threads;
+#endif
 }

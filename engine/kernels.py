@@ -22,15 +22,20 @@ import torch
 
 SOURCE = Path(__file__).with_suffix(".c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
-P, L, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+OPENMP = "-fopenmp"  # for the int8 products' threads; a compiler without it builds them single-threaded
+P, L, F, N = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
+    "gemm_pack": (P, L, L, P, P),
+    "gemm_int8": (P, L, L, P, P, L, P, N),
     "rms_norm_rows": (P, P, F, L, L, P),
     "rms_quantize": (P, P, F, L, L, P, P, P),
     "quantize_rows": (P, L, L, P, P),
     "rescale_rows": (P, P, P, P, L, L, P),
     "residual_rms_quantize": (P, P, P, P, P, P, F, L, L, P, P, P),
     "qkv_rotate_store": (P, P, P, P, P, P, L, L, L, L, P, P, P, L, L, P),
-    "heads_quantize": (P, L, L, L, P, P, P),
+    "attention_rows": (P, P, P, L, L, L, L, L, L, P, F, P, N),
+    "silu_mul_quantize": (P, P, P, P, L, L, P, P, P),
+    "forward_rows": (P, L, P, L, L, P, P, L, L, L, P, P, L, L, P, P, F, P, N),
 }
 
 _loaded: dict[str, object] = {}  # "lib": the CDLL or None, "status": why, "id": the built library's key
@@ -45,15 +50,19 @@ def _build(compiler: str, out_dir: Path) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     from engine.hardware import cpu_description
 
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), version, *FLAGS, *cpu_description()[1]]).encode())
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), version, *FLAGS, OPENMP, *cpu_description()[1]]).encode())
     path = out_dir / f"int8_cpu-{key.hexdigest()[:16]}.so"
     if path.exists():
         return path
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
-    done = subprocess.run(
-        [compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120
-    )
+    for extra in ((OPENMP,), ()):  # libgomp: the OpenMP runtime torch has loaded, so no second thread pool
+        done = subprocess.run(
+            [compiler, *FLAGS, *extra, "-o", str(partial), str(SOURCE), "-lm"], capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        if done.returncode == 0:
+            break
     if done.returncode != 0:
         partial.unlink(missing_ok=True)
         raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
@@ -79,7 +88,9 @@ def load_kernels():
             lib = ctypes.CDLL(str(path))
             for name, args in SIGNATURES.items():
                 getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
-            status = f"C kernels ({Path(compiler).name} -march=native)"
+            lib.gemm_isa.restype, lib.gemm_lanes.restype = ctypes.c_int, ctypes.c_long
+            products = GEMM_NAMES.get(lib.gemm_isa(), "torch._int_mm")
+            status = f"C kernels ({Path(compiler).name} -march=native; int8 products: {products})"
             _loaded["id"] = f"C {path.stem.removeprefix('int8_cpu-')}"  # source, compiler and ISA flags
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             lib, status = None, f"C kernels not built ({error}); using torch ops"
@@ -97,11 +108,71 @@ def kernels_id() -> str:
     return "torch ops" if load_kernels() is None else str(_loaded["id"])
 
 
+# gemm_isa() -> what runs the int8 products (negative: built without OpenMP, single-threaded)
+GEMM_NAMES = {2: "AVX-512 VNNI", 1: "AVX2", -2: "AVX-512 VNNI, one thread", -1: "AVX2, one thread"}
+# On a CPU with VNNI, oneDNN's torch._int_mm is exact too and faster from this many rows on.
+VNNI_ROWS = 128
+
+
+class LinearC(ctypes.Structure):  # engine/kernels.c linear_t
+    _fields_ = [("packed", P), ("corr", P), ("wscale", P), ("bias", P), ("N", L), ("K", L)]
+
+
+class LayerC(ctypes.Structure):  # engine/kernels.c layer_t
+    _fields_ = [("qkv", LinearC), ("o", LinearC), ("gate_up", LinearC), ("down", LinearC), ("norm_in", P),
+                ("norm_post", P), ("eps_in", F), ("eps_post", F), ("scaling", F)]  # fmt: skip
+
+
+class Packed:
+    """An int8 weight (N, K) in the layout of engine/kernels.c's products."""
+
+    def __init__(self, lib, weight: torch.Tensor):
+        self.out_features, self.in_features = weight.shape
+        lanes = lib.gemm_lanes()
+        blocks = -(-self.out_features // lanes)
+        self.data = torch.empty(blocks * lanes * self.in_features, dtype=torch.int8)
+        self.corr = torch.empty(self.out_features, dtype=torch.int32)
+        w = weight.contiguous()
+        lib.gemm_pack(w.data_ptr(), self.out_features, self.in_features, self.data.data_ptr(), self.corr.data_ptr())
+
+
 class RowKernels:
     """Typed wrappers over the CDLL; each allocates its outputs and returns them."""
 
     def __init__(self, lib):
         self.lib = lib
+        isa = lib.gemm_isa()
+        # Rows up to which the C products run; beyond, torch._int_mm. oneDNN's int8 product is exact only
+        # with VNNI: without it (AVX2, AVX-512F) it sums pairs in saturating int16 and can be far off, so
+        # there the C products (exact: engine/kernels.c) run every product.
+        self.gemm_rows = {2: VNNI_ROWS, 1: 1 << 62}.get(isa, 0)
+        self.gemm_threads = isa > 0  # built with OpenMP
+
+    def packed(self, layer) -> Packed:
+        """The layer's weight in the C products' layout, built once per layer (not a module buffer)."""
+        packed = layer.__dict__.get("_packed")
+        if packed is None:
+            packed = layer.__dict__["_packed"] = Packed(self.lib, layer.qweight_t.t())
+        return packed
+
+    def runs_products(self, m: int) -> bool:
+        """Whether the C products run m rows (else torch._int_mm does)."""
+        if m > self.gemm_rows:
+            return False
+        return self.gemm_threads or torch.get_num_threads() == 1 or self.gemm_rows == 1 << 62
+
+    def int_mm(self, q: torch.Tensor, layer) -> torch.Tensor:
+        """torch._int_mm(q, layer.qweight_t) (int32 (M, N)), bit for bit: the integer sums are exact."""
+        m, k = q.shape
+        if k % 4 or not self.runs_products(m):
+            return torch._int_mm(q, layer.qweight_t)
+        threads = torch.get_num_threads()
+        packed = self.packed(layer)
+        out = torch.empty(m, packed.out_features, dtype=torch.int32)
+        q = q.contiguous()
+        self.lib.gemm_int8(q.data_ptr(), m, k, packed.data.data_ptr(), packed.corr.data_ptr(), packed.out_features,
+                           out.data_ptr(), threads)  # fmt: skip
+        return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         n, k = x.shape
@@ -140,10 +211,10 @@ class RowKernels:
         return None if weight is None else (q, scale)
 
     def qkv_rotate_store(self, acc, wscale, xscale, bias, cos, sin, heads, kv_heads, head_dim, keys, values, past):
-        """q (1, heads, n, hd) float64, rotated; k rotated and v written into `keys`/`values` (kv_heads,
-        capacity, hd) at past .. past + n."""
+        """q (heads, n, hd), rotated; k rotated and v written into `keys`/`values` (kv_heads, capacity, hd)
+        at past .. past + n."""
         n = acc.shape[0]
-        q = torch.empty(1, heads, n, head_dim, dtype=torch.float64)
+        q = torch.empty(heads, n, head_dim)
         scratch = torch.empty(head_dim)
         self.lib.qkv_rotate_store(
             acc.data_ptr(), wscale.data_ptr(), xscale.data_ptr(), _ptr(bias), cos.data_ptr(), sin.data_ptr(), n,
@@ -152,12 +223,52 @@ class RowKernels:
         )  # fmt: skip
         return q
 
-    def heads_quantize(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention output (1, heads, n, hd) float64 as int8 rows (n, heads * hd) and their scales."""
-        _, heads, n, hd = out.shape
-        q, scale, scratch = _quantized(n, heads * hd), torch.empty(n, 1), torch.empty(heads * hd)
-        self.lib.heads_quantize(out.data_ptr(), n, heads, hd, scratch.data_ptr(), q.data_ptr(), scale.data_ptr())
+    def silu_mul_quantize(self, acc, wscale, xscale, bias) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused gate/up product's rows acc (n, 2 I), rescaled: silu(gate) * up as int8 rows (n, I)."""
+        n, width = acc.shape
+        q, scale, scratch = _quantized(n, width // 2), torch.empty(n, 1), torch.empty(width // 2 + 16)
+        self.lib.silu_mul_quantize(acc.data_ptr(), wscale.data_ptr(), xscale.data_ptr(), _ptr(bias), n, width // 2,
+                                   scratch.data_ptr(), q.data_ptr(), scale.data_ptr())  # fmt: skip
         return q, scale
+
+    def layer_table(self, layers) -> ctypes.Array:
+        """The C description of lean layers (engine/lean.py LeanLayer) for `forward`; it points into the
+        layers' tensors, so keep it no longer than them."""
+        table = (LayerC * len(layers))()
+        for entry, layer in zip(table, layers):
+            for name in ("qkv", "o", "gate_up", "down"):
+                linear = getattr(layer, name)
+                packed = self.packed(linear)
+                setattr(entry, name, LinearC(packed.data.data_ptr(), packed.corr.data_ptr(), linear.wscale.data_ptr(),
+                                             _ptr(linear.bias), packed.out_features, packed.in_features))  # fmt: skip
+            entry.norm_in, entry.norm_post = layer.norm_in.weight.data_ptr(), layer.norm_post.weight.data_ptr()
+            entry.eps_in, entry.eps_post = layer.norm_in.variance_epsilon, layer.norm_post.variance_epsilon
+            entry.scaling = layer.scaling
+        return table
+
+    def forward(self, table, x, cos, sin, heads, head_dim, keys, values, past, visible, norm) -> torch.Tensor:
+        """All layers in one call (engine/kernels.c forward_rows): x (n, H) updated in place; keys/values
+        (layers, 1, kv_heads, capacity, hd) written at past .. past + n; returns the final norm's rows."""
+        n, hidden = x.shape
+        out = torch.empty_like(x)
+        self.lib.forward_rows(
+            table, len(table), x.data_ptr(), n, hidden, cos.data_ptr(), sin.data_ptr(), heads, keys.shape[2],
+            head_dim, keys.data_ptr(), values.data_ptr(), keys.shape[3], past, _ptr(visible), norm.weight.data_ptr(),
+            norm.variance_epsilon, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def attention(self, q, keys, values, end: int, visible: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """Attention of q (heads, n, hd) over the first `end` entries of keys/values (kv_heads, capacity,
+        hd); visible (n, end) uint8 or None (every entry). Returns rows (n, heads * hd); each row is
+        computed alone (engine/kernels.c)."""
+        heads, n, hd = q.shape
+        out = torch.empty(n, heads * hd)
+        self.lib.attention_rows(
+            q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[-2], end, n, heads, keys.shape[0], hd,
+            _ptr(visible), scale, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
 
 
 def row_kernels() -> RowKernels | None:

@@ -156,9 +156,10 @@ class LeanForward:
     """`forward(tokens, positions, mask, cache, capture)` -> (final-norm hidden states (n, H), the residual
     streams entering the layers in `capture`); see module doc."""
 
-    def __init__(self, model, exact: bool | None = None):
-        """`exact`: attention in float64 so that a token's result does not depend on its batch (default:
-        for the int8 backend, whose promise is token-for-token equality)."""
+    def __init__(self, model, exact: bool | None = None, kernels: bool = True):
+        """`exact`: results that do not depend on the batch (default: for the int8 backend, whose promise
+        is token-for-token equality), through the C kernels where they apply (`kernels`), else through
+        torch ops with attention in float64."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the lean forward does not support this model: {reason}")
@@ -170,10 +171,12 @@ class LeanForward:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.exact = any(isinstance(m, Int8Linear) for m in model.modules()) if exact is None else exact
-        self.dtype = torch.float64 if self.exact else self.embed.weight.dtype  # of the KV cache
         self.device = self.embed.weight.device
-        # The row kernels run the int8 layers' norms, quantization, rescaling and rotary embedding.
-        self.kernels = row_kernels() if self.exact and self._kernels_apply() else None
+        # The C kernels run the int8 layers' products, norms, quantization, rotary embedding and attention.
+        self.kernels = row_kernels() if kernels and self.exact and self._kernels_apply() else None
+        self._table = None  # the layers as the kernels' one-call forward reads them, built on first use
+        # The KV cache: float32 for the kernels' row-by-row attention, float64 for the torch path's.
+        self.dtype = torch.float64 if self.exact and self.kernels is None else self.embed.weight.dtype
 
     def _kernels_apply(self) -> bool:
         """Whether every layer is one the row kernels cover: int8 products, no q/k norms, on a CPU."""
@@ -196,10 +199,10 @@ class LeanForward:
         if mask is None and n > 1:  # plain causal over the cache and the new tokens
             causal = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(diagonal=past)
             mask = causal[None, None]
-        if self.exact and mask is not None and mask.is_floating_point():
-            mask = mask.double()  # once per forward, not once per layer
         if self.kernels is not None:
             return self._forward_rows(x, cos[0].contiguous(), sin[0].contiguous(), mask, cache, capture)
+        if self.exact and mask is not None and mask.is_floating_point():
+            mask = mask.double()  # once per forward, not once per layer
         cos, sin = cos[:, None], sin[:, None]  # (1, 1, n, hd)
         hd, qn, kvn = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
         streams = {}
@@ -235,11 +238,20 @@ class LeanForward:
         return _rms(self.norm, x), [streams[i] for i in capture]
 
     def _forward_rows(self, x, cos, sin, mask, cache: LeanCache, capture) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """`forward` for int8 layers through the row kernels (engine/kernels.c): per layer four integer
-        products, six kernel calls, float64 attention and the MLP's silu in torch. x (n, H) is the
-        residual stream, updated in place; cos, sin (n, hd)."""
+        """`forward` for int8 layers through the C kernels (engine/kernels.c): per layer four integer
+        products, six other kernel calls and the MLP's silu in torch; attention row by row in float32
+        over a float32 cache. x (n, H) is the residual stream, updated in place; cos, sin (n, hd)."""
         rows, layers = self.kernels, self.layers
-        past, end = cache.length, cache.length + x.shape[0]
+        n = x.shape[0]
+        past, end = cache.length, cache.length + n
+        visible = None if mask is None else _visible(mask, n, end)
+        if not capture and rows.runs_products(n) and x.shape[1] % 4 == 0:  # the same steps in one C call
+            if self._table is None:
+                self._table = rows.layer_table(layers)
+            out = rows.forward(self._table, x, cos, sin, self.heads, self.head_dim, cache.keys, cache.values, past,
+                               visible, self.norm)  # fmt: skip
+            cache.length = end
+            return out, []
         streams = {}
         norm = layers[0].norm_in
         q, scale = rows.rms_quantize(x, norm.weight, norm.variance_epsilon)  # (n, H) int8, (n, 1)
@@ -247,21 +259,19 @@ class LeanForward:
             if i in capture:
                 streams[i] = x.clone()
             qkv, o, gate_up, down = layer.qkv, layer.o, layer.gate_up, layer.down
-            acc = torch._int_mm(q, qkv.qweight_t)  # (n, qn + 2 kvn) int32
-            keys, values = cache.keys[i, 0], cache.values[i, 0]  # (kv_heads, capacity, hd) float64
-            qd = rows.qkv_rotate_store(
+            acc = rows.int_mm(q, qkv)  # (n, qn + 2 kvn) int32
+            keys, values = cache.keys[i, 0], cache.values[i, 0]  # (kv_heads, capacity, hd) float32
+            qf = rows.qkv_rotate_store(
                 acc, qkv.wscale, scale, qkv.bias, cos, sin, self.heads, self.kv_heads, self.head_dim, keys, values, past
-            )  # (1, heads, n, hd) float64
-            out = _exact_attention(qd, keys[None, :, :end], values[None, :, :end], mask, layer.scaling)
-            q, scale = rows.heads_quantize(out)  # (n, qn)
+            )  # (heads, n, hd)
+            q, scale = rows.quantize(rows.attention(qf, keys, values, end, visible, layer.scaling))  # (n, qn)
             post = layer.norm_post
-            acc = torch._int_mm(q, o.qweight_t)  # (n, H)
+            acc = rows.int_mm(q, o)  # (n, H)
             eps = post.variance_epsilon
             q, scale = rows.residual_rms_quantize(acc, o.wscale, scale, o.bias, x, post.weight, eps)
-            acc = torch._int_mm(q, gate_up.qweight_t)  # (n, 2 I)
-            gate, up = rows.rescale(acc, gate_up.wscale, scale, gate_up.bias).chunk(2, dim=-1)
-            q, scale = rows.quantize(F.silu(gate) * up)  # (n, I)
-            acc = torch._int_mm(q, down.qweight_t)  # (n, H)
+            acc = rows.int_mm(q, gate_up)  # (n, 2 I)
+            q, scale = rows.silu_mul_quantize(acc, gate_up.wscale, scale, gate_up.bias)  # (n, I)
+            acc = rows.int_mm(q, down)  # (n, H)
             norm = layers[i + 1].norm_in if i + 1 < len(layers) else None
             weight, eps = (norm.weight, norm.variance_epsilon) if norm is not None else (None, 0.0)
             quantized = rows.residual_rms_quantize(acc, down.wscale, scale, down.bias, x, weight, eps)
@@ -271,6 +281,12 @@ class LeanForward:
         if len(layers) in capture:
             streams[len(layers)] = x
         return rows.rms_norm(x, self.norm.weight, self.norm.variance_epsilon), [streams[i] for i in capture]
+
+
+def _visible(mask: torch.Tensor, n: int, end: int) -> torch.Tensor:
+    """A (1, 1, n, end) mask, boolean or additive (0 where allowed), as (n, end) bytes: 1 where allowed."""
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    return allowed.reshape(n, end).to(torch.uint8).contiguous()
 
 
 def attach_lean(model) -> bool:

@@ -53,8 +53,7 @@ def main() -> None:
     int8 = quantize_int8(copy.deepcopy(fp32))
     attach_lean(int8)
     with_kernels = int8.lean
-    torch_ops = LeanForward(int8)
-    torch_ops.kernels = None
+    torch_ops = LeanForward(int8, kernels=False)
     rows = [("fp32", fp32, getattr(fp32, "lean", None)), ("int8, torch ops", int8, torch_ops)]
     if with_kernels.kernels is not None:
         rows.insert(1, ("int8, C row kernels", int8, with_kernels))

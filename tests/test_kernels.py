@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import kernels
-from engine.int8 import quantize_int8, quantize_rows
+from engine.int8 import int_mm_exact, quantize_int8, quantize_rows
 from engine.kv import new_cache
 from engine.lean import LeanForward, _rotate, attach_lean
 from engine.tree import make_tree
@@ -62,14 +62,14 @@ def test_residual_and_rotary_steps(rows):
     acc = torch.randint(-5000, 5000, (n, width), dtype=torch.int32)
     wscale, xscale, bias = torch.rand(1, width) / 100, torch.rand(n, 1), torch.randn(width)
     cos, sin = torch.rand(n, hd), torch.rand(n, hd)
-    keys = torch.zeros(kv_heads, capacity, hd, dtype=torch.float64)
+    keys = torch.zeros(kv_heads, capacity, hd)
     values = torch.zeros_like(keys)
     q = rows.qkv_rotate_store(acc, wscale, xscale, bias, cos, sin, heads, kv_heads, hd, keys, values, past)
     y = acc.float().mul_(wscale).mul_(xscale).add_(bias).view(n, heads + 2 * kv_heads, hd).transpose(0, 1)
     rotated = _rotate(y[None], cos, sin)[0]  # (heads + 2 kv_heads, n, hd): the torch path's float32 rotation
-    assert torch.equal(q[0], rotated[:heads].double())
-    assert torch.equal(keys[:, past : past + n], rotated[heads : heads + kv_heads].double())
-    assert torch.equal(values[:, past : past + n], y[heads + kv_heads :].double())
+    assert torch.equal(q, rotated[:heads])
+    assert torch.equal(keys[:, past : past + n], rotated[heads : heads + kv_heads])
+    assert torch.equal(values[:, past : past + n], y[heads + kv_heads :])
     assert (keys[:, :past] == 0).all() and (keys[:, past + n :] == 0).all()  # nothing else written
     # the residual add, then the next norm's quantized input
     x = torch.randn(n, 64)
@@ -79,11 +79,6 @@ def test_residual_and_rotary_steps(rows):
     q, scale = rows.residual_rms_quantize(acc, wscale, xscale, None, x, weight, 1e-6)
     assert torch.equal(x, want)
     assert torch.equal(q, rows.rms_quantize(want, weight, 1e-6)[0])
-    # attention heads (1, heads, n, hd) float64 -> rows (n, heads * hd) in float32, quantized
-    out = torch.randn(1, heads, n, hd, dtype=torch.float64)
-    q, scale = rows.heads_quantize(out)
-    want_q, want_scale = quantize_rows(out[0].transpose(0, 1).reshape(n, heads * hd).float())
-    assert torch.equal(q, want_q) and torch.equal(scale, want_scale)
 
 
 def int8_llama(seed: int = 0):
@@ -94,10 +89,11 @@ def int8_llama(seed: int = 0):
 
 
 def test_lean_forward_through_kernels_matches_torch_ops(rows):
+    if not int_mm_exact():
+        pytest.skip("torch._int_mm saturates on this CPU (no VNNI): the torch ops compute another model")
     model = int8_llama()
     assert model.lean.kernels is not None
-    torch_ops = LeanForward(model)
-    torch_ops.kernels = None
+    torch_ops = LeanForward(model, kernels=False)
     ids = torch.randint(1, 64, (26,))
     parents, depths = torch.tensor([-1, 0, 0, 1, 1, 3]), torch.tensor([0, 1, 1, 2, 2, 3])
     tree = make_tree(ids[20:26], parents, depths, torch.zeros(6), max_depth=3)
@@ -108,7 +104,7 @@ def test_lean_forward_through_kernels_matches_torch_ops(rows):
         cache = new_cache(model)
         _, prompt = target_forward(model, ids[:20], torch.arange(20), None, cache)
         _, verify = target_forward(model, tree.tokens, 20 + tree.depths, mask, cache)
-        results.append((prompt, verify, cache.keys[:, :, :, :26].clone()))
+        results.append((prompt, verify, cache.keys[:, :, :, :26].float()))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
 
@@ -146,3 +142,86 @@ def test_off_and_failed_builds_fall_back_with_a_reason(monkeypatch, tmp_path):
     assert model.lean.kernels is None
     _, logits = target_forward(model, torch.tensor([1, 2, 3]), torch.arange(3), None, new_cache(model))
     assert logits.shape == (3, 64)
+
+
+def exact_products(q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """q (M, K) int8 @ weight (N, K)^T in exact integers (float64 holds these sums exactly)."""
+    return (q.double() @ weight.double().t()).to(torch.int32)
+
+
+class _Layer:  # what RowKernels.int_mm reads from an Int8Linear
+    def __init__(self, weight: torch.Tensor):
+        self.qweight_t = weight.t()
+
+
+def _products_case(seed: int, n: int, k: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    weight = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    q = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    weight[0], q[0] = 127, -127  # the extremes: int16 pair sums of 2 * 127 * 127 must not saturate
+    return q, weight
+
+
+def test_int8_products_are_exact_for_every_row_count_and_thread_count(rows):
+    if rows.gemm_rows == 0:
+        pytest.skip(f"no C int8 products on this CPU ({kernels.kernel_status()})")
+    threads = torch.get_num_threads()
+    try:
+        for n, k in ((960, 576), (50, 64), (17, 8)):  # 50 and 17: channels that fill no whole block
+            for m in (1, 2, 5, 7, 13):
+                q, weight = _products_case(n + m, n, k, m)
+                layer = _Layer(weight)
+                for t in (1, 2):
+                    torch.set_num_threads(t)
+                    assert torch.equal(rows.int_mm(q, layer), exact_products(q, weight)), (n, k, m, t)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_the_avx2_and_plain_builds_compute_the_same_products(tmp_path, march):
+    """The AVX2 kernel (and the build without SIMD products) on this machine, compiled for an older
+    CPU: exact where it runs, and it says so where it does not."""
+    import platform
+    import subprocess
+
+    if platform.machine() not in ("x86_64", "AMD64") or kernels._compiler() is None:
+        pytest.skip("needs an x86-64 CPU and a C compiler")
+    from engine.hardware import cpu_description
+
+    if march == "haswell" and "avx2" not in cpu_description()[1]:
+        pytest.skip("this CPU has no AVX2")
+    flags = [f if f != "-march=native" else f"-march={march}" for f in kernels.FLAGS]
+    path = tmp_path / f"{march}.so"
+    subprocess.run([kernels._compiler(), *flags, kernels.OPENMP, "-o", str(path), str(kernels.SOURCE), "-lm"],
+                   check=True, capture_output=True)  # fmt: skip
+    lib = kernels.ctypes.CDLL(str(path))
+    for name, args in kernels.SIGNATURES.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
+    lib.gemm_isa.restype, lib.gemm_lanes.restype = kernels.ctypes.c_int, kernels.ctypes.c_long
+    built = kernels.RowKernels(lib)
+    if march == "x86-64":
+        assert lib.gemm_isa() == 0 and built.gemm_rows == 0  # torch._int_mm runs the products
+        return
+    assert lib.gemm_isa() == 1 and built.gemm_rows > 4096  # AVX2: every product, oneDNN's is not exact
+    for n, k, m in ((960, 576, 1), (960, 576, 6), (33, 1536, 9), (17, 8, 3)):
+        q, weight = _products_case(m, n, k, m)
+        assert torch.equal(built.int_mm(q, _Layer(weight)), exact_products(q, weight)), (n, k, m)
+
+
+def test_the_one_call_forward_equals_the_per_call_path_bit_for_bit(rows):
+    """Small batches run all layers in one C call, others (and captured streams) layer by layer; a token
+    must get the same bits either way, or EAGLE-2 would stop reproducing vanilla decoding."""
+    model = int8_llama(seed=5)
+    ids = torch.randint(1, 64, (14,))
+    parents, depths = torch.tensor([-1, 0, 0, 1, 3]), torch.tensor([0, 1, 1, 2, 3])
+    tree = make_tree(ids[9:14], parents, depths, torch.zeros(5), max_depth=3)
+    mask = tree_attention_mask(tree, 9, torch.float32)
+    results = []
+    for capture in ((), (1,)):  # () runs the one call where the products are the C ones; (1,) layer by layer
+        cache = new_cache(model)
+        first, _ = model.lean.forward(ids[:9], torch.arange(9), None, cache, capture)
+        node, _ = model.lean.forward(tree.tokens, 9 + tree.depths, mask, cache, capture)
+        results.append((first, node, cache.keys[:, :, :, :14].clone(), cache.values[:, :, :, :14].clone()))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
