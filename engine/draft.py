@@ -15,9 +15,70 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import TreeConfig
-from engine.head import DraftHead, Eagle3Head
+from engine.head import DraftCache, DraftHead, Eagle3Head
 from engine.int8 import Int8Linear
+from engine.kernels import row_kernels
+from engine.lean import _fuse
 from engine.tree import StaticPlan, Tree, make_tree, select_dynamic
+
+
+class RowsHead:
+    """An EAGLE-1/2 head's layer with int8 products, run through the C kernels' one-call forward: how an
+    int8 target's drafts are made where the kernels are built. Drafting need not match the float head
+    bit for bit (verification decides what is kept); it must be cheap next to a one-token target step."""
+
+    def __init__(self, head: DraftHead, rows):
+        layer = head.layers[0]
+        attn, mlp = layer.self_attn, layer.mlp
+        self.rows, self.rotary = rows, head.rotary
+        self.fc = Int8Linear(head.fc)
+        self.qkv = _fuse([Int8Linear(attn.q_proj), Int8Linear(attn.k_proj), Int8Linear(attn.v_proj)])
+        self.o = Int8Linear(attn.o_proj)
+        self.gate_up = _fuse([Int8Linear(mlp.gate_proj), Int8Linear(mlp.up_proj)])
+        self.down = Int8Linear(mlp.down_proj)
+        self.norm_in, self.norm_post = None, layer.post_attention_layernorm  # no input norm in EAGLE-1/2
+        self.heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.scaling = self.head_dim**-0.5  # scaled_dot_product_attention's default
+        self.table = rows.layer_table([self])
+
+    @classmethod
+    def applies(cls, head, lm_int8) -> bool:
+        rows = row_kernels()
+        return (
+            isinstance(head, DraftHead) and lm_int8 is not None and rows is not None and rows.runs_products(1)
+            and head.fc.weight.device.type == "cpu" and head.fc.weight.dtype == torch.float32
+            and head.config_dict.get("hidden_act", "silu") == "silu" and head.fc.in_features % 4 == 0
+        )  # fmt: skip
+
+    @classmethod
+    def of(cls, head: DraftHead) -> "RowsHead":
+        """The head's int8 copy, quantized once per head."""
+        made = head.__dict__.get("_rows_head")
+        if made is None:
+            made = head.__dict__["_rows_head"] = cls(head, row_kernels())
+        return made
+
+    def run(self, embeds, features, positions, mask, cache: DraftCache) -> torch.Tensor:
+        """The head over t pairs: embeds, features (t, H), positions (t,), mask (t, cache.used + t) bool.
+        Writes their keys and values at cache.used; returns (t, H)."""
+        t = embeds.shape[0]
+        if cache.used + t > cache.capacity:
+            raise RuntimeError(f"draft cache full ({cache.used} + {t} > {cache.capacity})")
+        x = self.fc(torch.cat([embeds, features.float()], dim=-1))  # (t, H)
+        cos, sin = (c[0].contiguous() for c in self.rotary(x, positions[None]))  # (t, hd) each
+        visible = mask.to(torch.uint8)
+        step = t if self.rows.runs_products(t) else self.rows.gemm_rows
+        out = []
+        for a in range(0, t, step):  # long runs of committed pairs in pieces the kernels' forward takes
+            b = min(a + step, t)
+            used = cache.used
+            out.append(self.rows.forward(
+                self.table, x[a:b].contiguous(), cos[a:b].contiguous(), sin[a:b].contiguous(), self.heads,
+                self.head_dim, cache.keys[None], cache.values[None], used, visible[a:b, : used + b - a].contiguous(),
+                None,
+            ))  # fmt: skip
+            cache.used = used + b - a
+        return out[0] if len(out) == 1 else torch.cat(out)
 
 
 class Drafter:
@@ -43,6 +104,8 @@ class Drafter:
             self.lm_weight = scorer.weight if rows else scorer.weight[self.vocab_ids]  # (Vd, H)
         self.cache = head.new_cache(capacity)
         self.device = head.fc.weight.device
+        # An int8 target drafts through the head's int8 copy in the C kernels (`RowsHead`) where it can.
+        self.rows_head = RowsHead.of(head) if RowsHead.applies(head, self.lm_int8) else None
         # Stop growing a tree once deeper nodes cannot make the cut (`_settled`): the tree is the same, the
         # skipped draft steps are saved. It costs a host read per depth: free on a CPU, not on a GPU, so by
         # default (`prune` None) it is on for a CPU only.
@@ -71,6 +134,8 @@ class Drafter:
             mask = torch.cat([torch.ones(t, self.cache.used, dtype=torch.bool, device=self.device), new], dim=1)
         else:
             mask = torch.cat([torch.ones(t, L, dtype=torch.bool, device=self.device), scratch_mask], dim=1)
+        if self.rows_head is not None:
+            return self.rows_head.run(self.embed(tokens), features, positions, mask, self.cache)
         h = self.head(
             self.embed(tokens)[None].to(self.head.fc.weight.dtype),  # (1, t, H)
             features[None],

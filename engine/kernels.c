@@ -506,7 +506,9 @@ static void product(const int8_t *q, long n, const linear_t *w, int32_t *acc, in
 
 /* What engine/lean.py's per-call path computes (`LeanForward._forward_rows`), the same functions in the
    same order, for n rows through all layers: x (n, H) is the residual stream, updated in place; keys and
-   values (layers, kv_heads, capacity, hd) get entries past .. past + n; out (n, H) the final norm's rows. */
+   values (layers, kv_heads, capacity, hd) get entries past .. past + n; out (n, H) the final norm's rows.
+   Without the first layer's input norm its input is quantized as it is, without a final norm out is x
+   (an EAGLE-1/2 draft head's layer). */
 void forward_rows(const layer_t *layers, long count, float *x, long n, long H, const float *cos, const float *sin,
                   long heads, long kv_heads, long hd, float *keys, float *values, long capacity, long past,
                   const uint8_t *visible, const float *final_norm, float final_eps, float *out, int threads) {
@@ -530,7 +532,10 @@ void forward_rows(const layer_t *layers, long count, float *x, long n, long H, c
     float *qf = (float *)(base += sizes[3]);
     float *att = (float *)(base + sizes[4]);
     long layer_kv = kv_heads * capacity * hd, end = past + n;
-    rms_quantize(x, layers[0].norm_in, layers[0].eps_in, n, H, h, q, scale);
+    if (layers[0].norm_in)
+        rms_quantize(x, layers[0].norm_in, layers[0].eps_in, n, H, h, q, scale);
+    else  /* an EAGLE-1/2 head's layer reads its input without a norm */
+        quantize_rows(x, n, H, q, scale);
     for (long l = 0; l < count; l++) {
         const layer_t *w = layers + l;
         float *k = keys + l * layer_kv, *v = values + l * layer_kv;
@@ -548,7 +553,10 @@ void forward_rows(const layer_t *layers, long count, float *x, long n, long H, c
         residual_rms_quantize(acc, w->down.wscale, scale, w->down.bias, x, next ? next->norm_in : NULL,
                               next ? next->eps_in : 0.0f, n, H, h, q, scale);
     }
-    rms_norm_rows(x, final_norm, final_eps, n, H, out);
+    if (final_norm)
+        rms_norm_rows(x, final_norm, final_eps, n, H, out);
+    else
+        memcpy(out, x, n * H * sizeof(float));
 #else
     (void)layers, (void)count, (void)x, (void)n, (void)H, (void)cos, (void)sin, (void)heads, (void)kv_heads;
     (void)hd, (void)keys, (void)values, (void)capacity, (void)past, (void)visible, (void)final_norm;

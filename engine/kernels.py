@@ -111,7 +111,7 @@ def kernels_id() -> str:
 # gemm_isa() -> what runs the int8 products (negative: built without OpenMP, single-threaded)
 GEMM_NAMES = {2: "AVX-512 VNNI", 1: "AVX2", -2: "AVX-512 VNNI, one thread", -1: "AVX2, one thread"}
 # On a CPU with VNNI, oneDNN's torch._int_mm is exact too and faster from this many rows on.
-VNNI_ROWS = 128
+VNNI_ROWS = 32
 
 
 class LinearC(ctypes.Structure):  # engine/kernels.c linear_t
@@ -241,20 +241,23 @@ class RowKernels:
                 packed = self.packed(linear)
                 setattr(entry, name, LinearC(packed.data.data_ptr(), packed.corr.data_ptr(), linear.wscale.data_ptr(),
                                              _ptr(linear.bias), packed.out_features, packed.in_features))  # fmt: skip
-            entry.norm_in, entry.norm_post = layer.norm_in.weight.data_ptr(), layer.norm_post.weight.data_ptr()
-            entry.eps_in, entry.eps_post = layer.norm_in.variance_epsilon, layer.norm_post.variance_epsilon
+            if layer.norm_in is not None:  # None: the input is read without a norm (a draft head's layer)
+                entry.norm_in, entry.eps_in = layer.norm_in.weight.data_ptr(), layer.norm_in.variance_epsilon
+            entry.norm_post, entry.eps_post = layer.norm_post.weight.data_ptr(), layer.norm_post.variance_epsilon
             entry.scaling = layer.scaling
         return table
 
     def forward(self, table, x, cos, sin, heads, head_dim, keys, values, past, visible, norm) -> torch.Tensor:
         """All layers in one call (engine/kernels.c forward_rows): x (n, H) updated in place; keys/values
-        (layers, 1, kv_heads, capacity, hd) written at past .. past + n; returns the final norm's rows."""
+        (layers, 1, kv_heads, capacity, hd) written at past .. past + n; returns the final norm's rows
+        (`norm` None: x itself)."""
         n, hidden = x.shape
         out = torch.empty_like(x)
         self.lib.forward_rows(
             table, len(table), x.data_ptr(), n, hidden, cos.data_ptr(), sin.data_ptr(), heads, keys.shape[2],
-            head_dim, keys.data_ptr(), values.data_ptr(), keys.shape[3], past, _ptr(visible), norm.weight.data_ptr(),
-            norm.variance_epsilon, out.data_ptr(), torch.get_num_threads(),
+            head_dim, keys.data_ptr(), values.data_ptr(), keys.shape[3], past, _ptr(visible),
+            None if norm is None else norm.weight.data_ptr(), 0.0 if norm is None else norm.variance_epsilon,
+            out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return out
 
