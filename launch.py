@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if engine.backend == "int8":
         from engine.kernels import kernel_status
 
-        print(f"• int8 norms, quantization and rotary embedding: {kernel_status()}", flush=True)
+        print(f"• int8 forward: {kernel_status()}", flush=True)
     tree = TreeConfig()
     tree_note = f"EAGLE-2 paper defaults ({tree.describe()})"
     sampling_tree, sampling_note, sampled_result = None, "", None

@@ -2,8 +2,9 @@
 
 `Int8Linear` replaces an `nn.Linear`. Weights are quantized once, symmetrically per output channel
 (scale = max |w| / 127). Activations are quantized on every call, symmetrically *per row*: each token's
-input vector gets its own scale. The product runs in `torch._int_mm` (int8 x int8 -> int32, oneDNN's VNNI
-or AVX2 kernels on x86), then is rescaled to float32.
+input vector gets its own scale. The product (int8 x int8 -> int32) runs in engine/kernels.c's AVX-512
+VNNI or AVX2 code where it is built, else in `torch._int_mm` (oneDNN; exact only with VNNI, see
+`int_mm_exact`), then is rescaled to float32.
 
 Why per-row scales: a tree verify runs n tokens through the target in one call. With one scale per call
 (what `torch.ao.quantization.quantize_dynamic` does), a token's rounding would depend on the largest value

@@ -1,13 +1,14 @@
-/* Row-wise kernels around the int8 products of the lean forward (engine/lean.py, engine/kernels.py).
+/* C kernels of the int8 backend's lean forward (engine/lean.py, engine/kernels.py).
 
    A one-token step of a small model on a CPU spends more time dispatching small tensor ops (norms,
-   per-row quantization, rescaling, rotary embedding, cache writes: about 80 per layer) than in its
-   integer products. These functions do that work in a few calls per layer, straight over the rows.
+   per-row quantization, rescaling, rotary embedding, attention, cache writes: about 80 per layer) than
+   in its integer products, and oneDNN's int8 product reaches a fraction of memory bandwidth at one row.
+   These functions do that work straight over the rows; `forward_rows` runs every layer in one call.
 
    Invariant: every output row depends on its own input row only, computed by the same code whatever
    the number of rows, so a token verified in a tree gets the very bits it gets alone. Built with
    -ffp-contract=off: no fused multiply-adds, every operation rounds as written. Quantization and
-   rescaling then reproduce engine/int8.py's torch code bit for bit; the RMS norm sums its squares in
+   rescaling reproduce engine/int8.py's torch code bit for bit; the RMS norm sums its squares in
    double, in order, so it differs from torch's in the last bit now and then. */
 
 #include <math.h>

@@ -1,13 +1,14 @@
-"""Row-wise C kernels for the int8 backend's lean forward (engine/kernels.c), built on this machine.
+"""C kernels for the int8 backend's lean forward (engine/kernels.c), built on this machine.
 
-The C file is compiled once per machine and compiler with `cc -O3 -march=native -ffp-contract=off` into
-the cache (`cache_dir()/kernels`, well under a second) and loaded with ctypes: no torch headers, no
-build tools beyond a C compiler. Where no compiler is found, or the build fails, `load_kernels()` returns
-None with the reason in `kernel_status()`, and the lean forward runs the same steps as torch ops.
+The C file is compiled once per machine and compiler with `cc -O3 -march=native -ffp-contract=off
+-fopenmp` into the cache (`cache_dir()/kernels`, about a second) and loaded with ctypes: no torch headers,
+no build tools beyond a C compiler. Where no compiler is found, or the build fails, `load_kernels()`
+returns None with the reason in `kernel_status()`, and the lean forward runs the same steps as torch ops.
 EAGLE_CHAT_KERNELS=0 turns them off.
 
 Each wrapper takes contiguous CPU tensors and writes into the outputs it returns; see engine/kernels.c
 for what each computes and the invariant that every output row depends on its own input row only.
+`RowKernels.forward` runs a whole small-batch forward in one call; `int_mm` is an exact int8 product.
 """
 
 import ctypes

@@ -8,7 +8,10 @@ active sliding window, Qwen2, Qwen3) and runs
   - a preallocated KV cache (`LeanCache`) written in place,
   - transformers' own rotary embedding module (so every RoPE scaling variant stays exact),
   - `scaled_dot_product_attention` with the engine's tree mask, or none for a single token; for the int8
-    backend, attention in float64 instead (`_exact_attention`), so results do not depend on the batch.
+    backend, attention whose rows do not depend on the batch: engine/kernels.c's row-by-row attention,
+    or in float64 (`_exact_attention`) where the kernels are not built.
+For int8 layers on a CPU the C kernels run the forward (`_forward_rows`): all layers in one call for a
+small batch, the same functions layer by layer otherwise.
 The fused products are exact concatenations of the separate ones for the int8 backend (weights are
 quantized per output channel, engine/int8.py) and equal up to float rounding for float backends.
 
