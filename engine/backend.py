@@ -41,8 +41,9 @@ PROBE_NODES = (1, 16)  # a first look at every candidate; a candidate slower at 
 DOMINATED = 1.25  # ... when it is at least this much slower than another candidate at each probe
 # EAGLE-2 is the default method where plain EAGLE-2 (no prompt-lookup branch) is expected at least at this
 # share of vanilla decoding's speed. The estimate leaves out the app's lookup branch, which comes on top:
-# on the int8 backend with the C row kernels plain EAGLE-2 was expected at 0.98x vanilla, and the
-# benchmark measured 1.06x for it and 1.62x with the branch (docs/performance.md).
+# on int8 plain EAGLE-2 was expected at 0.98x vanilla on one Xeon and measured 1.06x, 1.62x with the
+# branch; with the C forward on another it was expected at 1.09x and measured 0.98x, 1.31x with the
+# branch (docs/performance.md).
 MARGIN = 0.9
 # At temperature > 0 the app drafts by default only where the tuned sampling tree is expected to beat vanilla
 # by this much: the expectation leaves out the prompt-lookup branch's nodes, which rarely match when sampling.

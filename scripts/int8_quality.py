@@ -1,6 +1,6 @@
 """How far the int8 backend is from the float32 model it is made from: teacher-forced on fp32's own greedy
 replies to Spec-Bench questions (one per 60, first turns), the share of positions where int8's argmax
-equals fp32's token and the mean negative log-likelihood per token, for int8 through the C row kernels
+equals fp32's token and the mean negative log-likelihood per token, for int8 through the C kernels
 and through torch ops (engine/kernels.py).
 
     python -m scripts.int8_quality --questions ../shared/data/benchmarks/spec_bench/question.jsonl
@@ -56,9 +56,9 @@ def main() -> None:
     torch_ops = LeanForward(int8, kernels=False)
     rows = [("fp32", fp32, getattr(fp32, "lean", None)), ("int8, torch ops", int8, torch_ops)]
     if with_kernels.kernels is not None:
-        rows.insert(1, ("int8, C row kernels", int8, with_kernels))
+        rows.insert(1, ("int8, C kernels", int8, with_kernels))
     else:
-        print("int8, C row kernels: not available on this machine")
+        print("int8, C kernels: not available on this machine")
     for name, model, lean in rows:
         model.lean = lean
         agree, nll, total = score(model, replies)
