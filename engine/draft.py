@@ -43,11 +43,17 @@ class RowsHead:
 
     @classmethod
     def applies(cls, head, lm_int8) -> bool:
+        """Whether an int8 target's drafts run through this: an EAGLE-1/2 float32 CPU head whose sizes
+        the kernels take, where they are built."""
         rows = row_kernels()
+        if not isinstance(head, DraftHead) or lm_int8 is None or rows is None or not rows.runs_products(1):
+            return False
+        layer = head.layers[0]
+        sizes = (head.fc, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj)
         return (
-            isinstance(head, DraftHead) and lm_int8 is not None and rows is not None and rows.runs_products(1)
-            and head.fc.weight.device.type == "cpu" and head.fc.weight.dtype == torch.float32
-            and head.config_dict.get("hidden_act", "silu") == "silu" and head.fc.in_features % 4 == 0
+            head.fc.weight.device.type == "cpu" and head.fc.weight.dtype == torch.float32
+            and head.config_dict.get("hidden_act", "silu") == "silu" and rows.attention_fits(layer.self_attn.head_dim)
+            and rows.fits(sizes)
         )  # fmt: skip
 
     @classmethod

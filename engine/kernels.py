@@ -90,6 +90,7 @@ def load_kernels():
             for name, args in SIGNATURES.items():
                 getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
             lib.gemm_isa.restype, lib.gemm_lanes.restype = ctypes.c_int, ctypes.c_long
+            lib.attention_fits.argtypes, lib.attention_fits.restype = (L,), ctypes.c_int
             products = GEMM_NAMES.get(lib.gemm_isa(), "torch._int_mm")
             status = f"C kernels ({Path(compiler).name} -march=native; int8 products: {products})"
             _loaded["id"] = f"C {path.stem.removeprefix('int8_cpu-')}"  # source, compiler and ISA flags
@@ -111,8 +112,10 @@ def kernels_id() -> str:
 
 # gemm_isa() -> what runs the int8 products (negative: built without OpenMP, single-threaded)
 GEMM_NAMES = {2: "AVX-512 VNNI", 1: "AVX2", -2: "AVX-512 VNNI, one thread", -1: "AVX2, one thread"}
-# On a CPU with VNNI, oneDNN's torch._int_mm is exact too and faster from this many rows on.
+# On a CPU with VNNI, oneDNN's torch._int_mm is exact too, and with the one-call forward's saved overhead
+# counted the C products stop paying at about this many rows (docs/experiments.md).
 VNNI_ROWS = 32
+EVERY = 1 << 62
 
 
 class LinearC(ctypes.Structure):  # engine/kernels.c linear_t
@@ -143,11 +146,19 @@ class RowKernels:
     def __init__(self, lib):
         self.lib = lib
         isa = lib.gemm_isa()
+        self.isa, self.gemm_threads = abs(isa), isa > 0  # gemm_threads: built with OpenMP
         # Rows up to which the C products run; beyond, torch._int_mm. oneDNN's int8 product is exact only
         # with VNNI: without it (AVX2, AVX-512F) it sums pairs in saturating int16 and can be far off, so
         # there the C products (exact: engine/kernels.c) run every product.
-        self.gemm_rows = {2: VNNI_ROWS, 1: 1 << 62}.get(isa, 0)
-        self.gemm_threads = isa > 0  # built with OpenMP
+        self.gemm_rows = {2: VNNI_ROWS, 1: EVERY}.get(self.isa, 0)
+
+    def attention_fits(self, head_dim: int) -> bool:
+        """Whether the C attention takes heads of this size."""
+        return bool(self.lib.attention_fits(head_dim))
+
+    def fits(self, linears) -> bool:
+        """Whether the C products take these int8 layers (input sizes a multiple of 4)."""
+        return self.isa > 0 and all(linear.in_features % 4 == 0 for linear in linears)
 
     def packed(self, layer) -> Packed:
         """The layer's weight in the C products' layout, built once per layer (not a module buffer)."""
@@ -157,10 +168,11 @@ class RowKernels:
         return packed
 
     def runs_products(self, m: int) -> bool:
-        """Whether the C products run m rows (else torch._int_mm does)."""
-        if m > self.gemm_rows:
-            return False
-        return self.gemm_threads or torch.get_num_threads() == 1 or self.gemm_rows == 1 << 62
+        """Whether the C products run m rows (else torch._int_mm does): always with AVX2 (exactness
+        first), with VNNI up to VNNI_ROWS where they have the threads oneDNN has."""
+        if self.isa == 1:
+            return True
+        return m <= self.gemm_rows and (self.gemm_threads or torch.get_num_threads() == 1)
 
     def int_mm(self, q: torch.Tensor, layer) -> torch.Tensor:
         """torch._int_mm(q, layer.qweight_t) (int32 (M, N)), bit for bit: the integer sums are exact."""

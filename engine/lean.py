@@ -175,6 +175,7 @@ class LeanForward:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.exact = any(isinstance(m, Int8Linear) for m in model.modules()) if exact is None else exact
         self.device = self.embed.weight.device
+        self._one_call = False  # set by _kernels_apply
         # The C kernels run the int8 layers' products, norms, quantization, rotary embedding and attention.
         self.kernels = row_kernels() if kernels and self.exact and self._kernels_apply() else None
         self._table = None  # the layers as the kernels' one-call forward reads them, built on first use
@@ -182,10 +183,17 @@ class LeanForward:
         self.dtype = torch.float64 if self.exact and self.kernels is None else self.embed.weight.dtype
 
     def _kernels_apply(self) -> bool:
-        """Whether every layer is one the row kernels cover: int8 products, no q/k norms, on a CPU."""
+        """Whether every layer is one the C kernels cover: int8 products, no q/k norms, heads the C
+        attention takes, on a CPU."""
         linears = [getattr(layer, name) for layer in self.layers for name in ("qkv", "o", "gate_up", "down")]
         plain = all(layer.q_norm is None for layer in self.layers)
-        return self.device.type == "cpu" and plain and all(isinstance(m, Int8Linear) for m in linears)
+        if self.device.type != "cpu" or not plain or not all(isinstance(m, Int8Linear) for m in linears):
+            return False
+        rows = row_kernels()
+        if rows is None or not rows.attention_fits(self.head_dim):
+            return False
+        self._one_call = rows.fits(linears)  # the one-call forward also needs the C products
+        return True
 
     def new_cache(self, capacity: int = 512) -> LeanCache:
         return LeanCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device, capacity)
@@ -248,7 +256,7 @@ class LeanForward:
         n = x.shape[0]
         past, end = cache.length, cache.length + n
         visible = None if mask is None else _visible(mask, n, end)
-        if not capture and rows.runs_products(n) and x.shape[1] % 4 == 0:  # the same steps in one C call
+        if not capture and self._one_call and rows.runs_products(n):  # the same steps in one C call
             if self._table is None:
                 self._table = rows.layer_table(layers)
             out = rows.forward(self._table, x, cos, sin, self.heads, self.head_dim, cache.keys, cache.values, past,
