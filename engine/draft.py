@@ -129,7 +129,10 @@ class Drafter:
 
     def _top(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k draft log-probs and their *target* token ids. (t, k) each"""
-        scores, idx = self._logprobs(hidden).topk(k, dim=-1)
+        if self.rows_head is not None:  # one C pass instead of log_softmax and topk over the vocabulary
+            scores, idx = self.rows_head.rows.top_logsoftmax(self.lm_int8(self.head.final(hidden).float()), k)
+        else:
+            scores, idx = self._logprobs(hidden).topk(k, dim=-1)
         return scores, (idx if self.vocab_ids is None else self.vocab_ids[idx])
 
     def _run(self, tokens, features, positions, scratch_mask):

@@ -564,3 +564,69 @@ void forward_rows(const layer_t *layers, long count, float *x, long n, long H, c
     (void)final_eps, (void)out, (void)threads;
 #endif
 }
+
+/* ---- choosing tokens ---- */
+
+static inline float vmax_lanes(vec v) {
+    float lanes[VEC], m;
+    vstore(lanes, v);
+    m = lanes[0];
+    for (long l = 1; l < VEC; l++) m = lanes[l] > m ? lanes[l] : m;
+    return m;
+}
+
+#define CHUNK 64 /* values per chunk maximum: a multiple of VEC */
+
+/* out[i] = the first index of row i's largest value (x (n, V), rows without NaN), as torch's argmax:
+   the largest chunk maximum (the first chunk holding it), then the first index in that chunk. */
+void argmax_rows(const float *x, long n, long V, int64_t *out) {
+    for (long i = 0; i < n; i++) {
+        const float *row = x + i * V;
+        float best = -INFINITY;
+        long chunk = -1, at = 0, chunks = V / CHUNK;
+        for (long c = 0; c < chunks; c++) {
+            vec m = vload(row + c * CHUNK);
+            for (long d = VEC; d < CHUNK; d += VEC) m = vmax(m, vload(row + c * CHUNK + d));
+            float top = vmax_lanes(m);
+            if (top > best) best = top, chunk = c;
+        }
+        if (chunk >= 0)
+            for (at = chunk * CHUNK; row[at] != best; at++) {}
+        for (long j = chunks * CHUNK; j < V; j++)  /* the tail after the last whole chunk */
+            if (row[j] > best || chunk < 0) best = row[j], at = j, chunk = 0;
+        out[i] = at;
+    }
+}
+
+/* The k largest log-softmax values of each row of x (n, V), V >= k, and their indices, largest first
+   (ties: the lower index first): values (n, k), idx (n, k). For drafting: float32 throughout. */
+void top_logsoftmax(const float *x, long n, long V, long k, float *values, int64_t *idx) {
+    for (long i = 0; i < n; i++) {
+        const float *row = x + i * V;
+        float *val = values + i * k;
+        int64_t *ix = idx + i * k;
+        long kept = 0;
+        for (long j = 0; j < V; j++) {
+            float v = row[j];
+            if (kept == k && !(v > val[k - 1])) continue;
+            long at = kept < k ? kept++ : k - 1;  /* insert v, keeping val sorted (largest first) */
+            while (at > 0 && v > val[at - 1]) val[at] = val[at - 1], ix[at] = ix[at - 1], at--;
+            val[at] = v, ix[at] = j;
+        }
+        float top = val[0];
+        vec sums = vzero();
+        long j = 0;
+        for (; j + VEC <= V; j += VEC) sums = vadd(sums, exp_nonpositive(vadd(vload(row + j), vset(-top))));
+        float total = vsum(sums);
+        for (; j < V; j++) {  /* the tail, one value at a time through the same code */
+            float lane[VEC] = {0};
+            for (long l = 0; l < VEC; l++) lane[l] = -INFINITY;
+            lane[0] = row[j] - top;
+            float e[VEC];
+            vstore(e, exp_nonpositive(vload(lane)));
+            total += e[0];
+        }
+        float lse = top + logf(total);
+        for (long t = 0; t < kept; t++) val[t] -= lse;
+    }
+}

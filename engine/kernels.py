@@ -37,6 +37,8 @@ SIGNATURES = {
     "attention_rows": (P, P, P, L, L, L, L, L, L, P, F, P, N),
     "silu_mul_quantize": (P, P, P, P, L, L, P, P, P),
     "forward_rows": (P, L, P, L, L, P, P, L, L, L, P, P, L, L, P, P, F, P, N),
+    "argmax_rows": (P, L, L, P),
+    "top_logsoftmax": (P, L, L, L, P, P),
 }
 
 _loaded: dict[str, object] = {}  # "lib": the CDLL or None, "status": why, "id": the built library's key
@@ -273,6 +275,20 @@ class RowKernels:
             out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return out
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """x.argmax(-1) of float32 rows (n, V): the first index of each row's largest value. (n,)"""
+        n, v = x.shape
+        out = torch.empty(n, dtype=torch.int64)
+        self.lib.argmax_rows(x.contiguous().data_ptr(), n, v, out.data_ptr())
+        return out
+
+    def top_logsoftmax(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """log_softmax(x).topk(k) of float32 rows (n, V) with V >= k: (values, indices), each (n, k)."""
+        n, v = x.shape
+        values, idx = torch.empty(n, k), torch.empty(n, k, dtype=torch.int64)
+        self.lib.top_logsoftmax(x.contiguous().data_ptr(), n, v, k, values.data_ptr(), idx.data_ptr())
+        return values, idx
 
     def attention(self, q, keys, values, end: int, visible: torch.Tensor | None, scale: float) -> torch.Tensor:
         """Attention of q (heads, n, hd) over the first `end` entries of keys/values (kv_heads, capacity,

@@ -1,6 +1,7 @@
 """Where an int8 forward's time goes on this machine: the C products against oneDNN's `torch._int_mm`
-on the default model's layer shapes, the C attention against the float64 torch attention, and whole
-forwards through the C kernels against the same steps in torch ops. Median microseconds or ms.
+on the default model's layer shapes, the C attention against the float64 torch attention, the C token
+choices against torch's, and whole forwards through the C kernels against the same steps in torch ops.
+Median microseconds or ms.
 
     python -m scripts.int8_costs [--threads 2]
 """
@@ -78,6 +79,11 @@ def main() -> None:
         mask = None if visible is None else visible[None, None]
         theirs = median_us(_exact_attention, q[None], k64, v64, mask, 0.125)
         print(f"  n={n}: {ours:.0f} / {theirs:.0f}")
+    print("\nchoosing tokens, us (C / torch):")
+    logits, draft = torch.randn(5, 49152), torch.randn(4, 8192)
+    print(f"  greedy draw, 5 x 49152: {median_us(rows.argmax, logits):.0f} / {median_us(torch.argmax, logits, -1):.0f}")
+    theirs = median_us(lambda x: torch.log_softmax(x, -1).topk(4, -1), draft)
+    print(f"  draft top-4 log-softmax, 4 x 8192: {median_us(rows.top_logsoftmax, draft, 4):.0f} / {theirs:.0f}")
     fp32, _ = load_target(ModelSpec(None, "float32", "cpu", None), progress=False)
     model = variant(fp32, "int8")
     forwards = {"C kernels": model.lean, "torch ops": LeanForward(model, kernels=False)}

@@ -251,3 +251,18 @@ def test_an_int8_target_drafts_through_the_heads_int8_copy(rows):
         outputs.append((hidden, level, drafter.cache.keys[:, :, :14].clone()))
     for got, want in zip(*outputs):  # int8 rounding: about 1% of the norm here
         assert (got - want).norm() < 0.03 * want.norm()
+
+
+def test_token_choice_kernels_match_torch(rows):
+    """The greedy draw (argmax, the first index among ties) and the draft's top-k log-softmax."""
+    torch.manual_seed(4)
+    for n, v, k in ((3, 8192, 10), (2, 49152, 1), (2, 100, 3), (1, 7, 7)):
+        x = torch.randn(n, v) * 3
+        x[0, 2] = x[0, 5] = x[0].max() + 1  # a tie at the top: the first index wins
+        x[-1, -1] = x[-1].max() + 2  # the largest value past the last whole chunk
+        assert torch.equal(rows.argmax(x), x.argmax(-1))
+        values, idx = rows.top_logsoftmax(x, k)
+        want_values, want_idx = torch.log_softmax(x, -1).topk(k, -1)
+        assert torch.equal(idx[1:], want_idx[1:])  # row 0's tie may come in either order from torch
+        assert set(idx[0].tolist()) == set(want_idx[0].tolist())
+        torch.testing.assert_close(values, want_values, atol=2e-6, rtol=1e-6)
