@@ -27,6 +27,7 @@ class FakeDrafter(Drafter):
         self.paths: list[tuple[int, ...]] = [()]  # id -> path; id 0 is the root
         self._static = {}
         self.vocab_ids = None
+        self.rows_head = None  # log-probs come from `_logprobs` below
         self.prune = True
         self.runs = 0  # draft steps run
 
