@@ -121,16 +121,19 @@ class Drafter:
     def reset(self) -> None:
         self.cache.truncate(0)
 
-    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:  # (t, H) -> (t, Vd) float32
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (t, H) -> (t, Vd) float32
         hidden = self.head.final(hidden)
         if self.lm_int8 is not None:
-            return F.log_softmax(self.lm_int8(hidden.float()), dim=-1)
-        return F.log_softmax(F.linear(hidden.to(self.lm_weight.dtype), self.lm_weight).float(), dim=-1)
+            return self.lm_int8(hidden.float())
+        return F.linear(hidden.to(self.lm_weight.dtype), self.lm_weight).float()
+
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:  # (t, H) -> (t, Vd) float32
+        return F.log_softmax(self._logits(hidden), dim=-1)
 
     def _top(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k draft log-probs and their *target* token ids. (t, k) each"""
         if self.rows_head is not None:  # one C pass instead of log_softmax and topk over the vocabulary
-            scores, idx = self.rows_head.rows.top_logsoftmax(self.lm_int8(self.head.final(hidden).float()), k)
+            scores, idx = self.rows_head.rows.top_logsoftmax(self._logits(hidden), k)
         else:
             scores, idx = self._logprobs(hidden).topk(k, dim=-1)
         return scores, (idx if self.vocab_ids is None else self.vocab_ids[idx])

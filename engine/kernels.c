@@ -618,13 +618,11 @@ void top_logsoftmax(const float *x, long n, long V, long k, float *values, int64
         long j = 0;
         for (; j + VEC <= V; j += VEC) sums = vadd(sums, exp_nonpositive(vadd(vload(row + j), vset(-top))));
         float total = vsum(sums);
-        for (; j < V; j++) {  /* the tail, one value at a time through the same code */
-            float lane[VEC] = {0};
-            for (long l = 0; l < VEC; l++) lane[l] = -INFINITY;
-            lane[0] = row[j] - top;
-            float e[VEC];
+        if (j < V) {  /* the tail: one more vector, only its real values summed */
+            float lane[VEC], e[VEC];
+            for (long l = 0; l < VEC; l++) lane[l] = j + l < V ? row[j + l] - top : 0.0f;
             vstore(e, exp_nonpositive(vload(lane)));
-            total += e[0];
+            for (long l = 0; j + l < V; l++) total += e[l];
         }
         float lse = top + logf(total);
         for (long t = 0; t < kept; t++) val[t] -= lse;

@@ -170,11 +170,9 @@ class RowKernels:
         return packed
 
     def runs_products(self, m: int) -> bool:
-        """Whether the C products run m rows (else torch._int_mm does): always with AVX2 (exactness
-        first), with VNNI up to VNNI_ROWS where they have the threads oneDNN has."""
-        if self.isa == 1:
-            return True
-        return m <= self.gemm_rows and (self.gemm_threads or torch.get_num_threads() == 1)
+        """Whether the C products run m rows (else torch._int_mm does): up to `gemm_rows`, and with VNNI
+        only where they have the threads oneDNN has (AVX2 runs them regardless: exactness first)."""
+        return m <= self.gemm_rows and (self.gemm_threads or self.isa == 1 or torch.get_num_threads() == 1)
 
     def int_mm(self, q: torch.Tensor, layer) -> torch.Tensor:
         """torch._int_mm(q, layer.qweight_t) (int32 (M, N)), bit for bit: the integer sums are exact."""

@@ -175,9 +175,10 @@ class LeanForward:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.exact = any(isinstance(m, Int8Linear) for m in model.modules()) if exact is None else exact
         self.device = self.embed.weight.device
-        self._one_call = False  # set by _kernels_apply
         # The C kernels run the int8 layers' products, norms, quantization, rotary embedding and attention.
         self.kernels = row_kernels() if kernels and self.exact and self._kernels_apply() else None
+        # ... and all layers in one call where their products are the C ones too
+        self._one_call = self.kernels is not None and self.kernels.fits(self._linears())
         self._table = None  # the layers as the kernels' one-call forward reads them, built on first use
         # The KV cache: float32 for the kernels' row-by-row attention, float64 for the torch path's.
         self.dtype = torch.float64 if self.exact and self.kernels is None else self.embed.weight.dtype
@@ -185,15 +186,14 @@ class LeanForward:
     def _kernels_apply(self) -> bool:
         """Whether every layer is one the C kernels cover: int8 products, no q/k norms, heads the C
         attention takes, on a CPU."""
-        linears = [getattr(layer, name) for layer in self.layers for name in ("qkv", "o", "gate_up", "down")]
         plain = all(layer.q_norm is None for layer in self.layers)
-        if self.device.type != "cpu" or not plain or not all(isinstance(m, Int8Linear) for m in linears):
+        if self.device.type != "cpu" or not plain or not all(isinstance(m, Int8Linear) for m in self._linears()):
             return False
         rows = row_kernels()
-        if rows is None or not rows.attention_fits(self.head_dim):
-            return False
-        self._one_call = rows.fits(linears)  # the one-call forward also needs the C products
-        return True
+        return rows is not None and rows.attention_fits(self.head_dim)
+
+    def _linears(self) -> list:
+        return [getattr(layer, name) for layer in self.layers for name in ("qkv", "o", "gate_up", "down")]
 
     def new_cache(self, capacity: int = 512) -> LeanCache:
         return LeanCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device, capacity)
