@@ -369,6 +369,9 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *x, lo
                                                             const long rows, long b0, const long nb) {
     long groups = K / 4;
     int32_t lanes[LANES];
+    /* The first row block streams this tile's weights from memory; it also asks for the next tile's,
+       one TILE-wide group per step, so that later blocks' arithmetic hides the next load. */
+    const char *ahead = m0 == 0 ? (const char *)(packed + (b0 + nb) * groups * LANES * 4) : NULL;
 #if GEMM_ISA == 2
     __m512i acc[ROWS][TILE];
     for (long r = 0; r < rows; r++)
@@ -376,6 +379,8 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *x, lo
     for (long g = 0; g < groups; g++) {
         __m512i w[TILE];
         for (long t = 0; t < nb; t++) w[t] = _mm512_loadu_si512(packed + ((b0 + t) * groups + g) * LANES * 4);
+        if (ahead)
+            for (long t = 0; t < TILE; t++) _mm_prefetch(ahead + (g * TILE + t) * LANES * 4, _MM_HINT_T0);
         for (long r = 0; r < rows; r++) {
             int32_t four;
             memcpy(&four, x + (m0 + r) * K + 4 * g, 4);
@@ -400,6 +405,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *x, lo
         __m256i w[TILE];
         for (long t = 0; t < nb; t++)
             w[t] = _mm256_loadu_si256((const __m256i *)(packed + ((b0 + t) * groups + g) * LANES * 4));
+        if (ahead) _mm_prefetch(ahead + g * TILE * LANES * 4, _MM_HINT_T0);
         for (long r = 0; r < rows; r++) {
             int32_t four;
             memcpy(&four, x + (m0 + r) * K + 4 * g, 4);
