@@ -361,6 +361,13 @@ void gemm_pack(const int8_t *w, long N, long K, int8_t *packed, int32_t *corr) {
 }
 
 #if GEMM_ISA > 0
+/* Into cache: the g-th TILE * LANES * 4 bytes of a tile (its TILE blocks are contiguous, so steps
+   0 .. groups - 1 cover it all), one 64-byte line at a time. Forced inline: GCC takes a call to a function
+   that only prefetches for one without effects and drops it. */
+static inline __attribute__((always_inline)) void prefetch_group(const char *tile, long g) {
+    for (long b = 0; b < TILE * LANES * 4; b += 64) _mm_prefetch(tile + g * TILE * LANES * 4 + b, _MM_HINT_T0);
+}
+
 /* out[m][n] for rows m0 .. m0 + rows and blocks b0 .. b0 + nb; `x` is the rows as the kernel reads them
    (VNNI: a + 128 as unsigned bytes; AVX2: a itself). Inlined with constant `rows` and `nb` (gemm_rows)
    so that the sums stay in registers. */
@@ -369,8 +376,8 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *x, lo
                                                             const long rows, long b0, const long nb) {
     long groups = K / 4;
     int32_t lanes[LANES];
-    /* The first row block streams this tile's weights from memory; it also asks for the next tile's,
-       one TILE-wide group per step, so that later blocks' arithmetic hides the next load. */
+    /* The first row block streams this tile's weights from memory; step by step it also asks for the
+       next tile's, so that the later blocks' arithmetic hides that load. */
     const char *ahead = m0 == 0 ? (const char *)(packed + (b0 + nb) * groups * LANES * 4) : NULL;
 #if GEMM_ISA == 2
     __m512i acc[ROWS][TILE];
@@ -379,8 +386,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *x, lo
     for (long g = 0; g < groups; g++) {
         __m512i w[TILE];
         for (long t = 0; t < nb; t++) w[t] = _mm512_loadu_si512(packed + ((b0 + t) * groups + g) * LANES * 4);
-        if (ahead)
-            for (long t = 0; t < TILE; t++) _mm_prefetch(ahead + (g * TILE + t) * LANES * 4, _MM_HINT_T0);
+        if (ahead) prefetch_group(ahead, g);
         for (long r = 0; r < rows; r++) {
             int32_t four;
             memcpy(&four, x + (m0 + r) * K + 4 * g, 4);
@@ -405,7 +411,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *x, lo
         __m256i w[TILE];
         for (long t = 0; t < nb; t++)
             w[t] = _mm256_loadu_si256((const __m256i *)(packed + ((b0 + t) * groups + g) * LANES * 4));
-        if (ahead) _mm_prefetch(ahead + g * TILE * LANES * 4, _MM_HINT_T0);
+        if (ahead) prefetch_group(ahead, g);
         for (long r = 0; r < rows; r++) {
             int32_t four;
             memcpy(&four, x + (m0 + r) * K + 4 * g, 4);
