@@ -148,6 +148,21 @@ typedef __m512 vec;
 #define vpow2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
 #define vdiv(a, b) _mm512_div_ps(a, b)
 #define vif_nonnegative(g, a, b) _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ), b, a)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+/* out lane 4k + m = the sum of v[4m + k]'s lanes, for 16 vectors: halves, then quarters, then pairs. */
+static inline vec vsums(const vec *v) {
+    vec w[8], u[4], t[2];
+    for (int p = 0; p < 8; p++)
+        w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int p = 0; p < 4; p++)
+        u[p] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * p], w[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(w[2 * p], w[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int p = 0; p < 2; p++)
+        t[p] = _mm512_add_ps(_mm512_unpacklo_ps(u[2 * p], u[2 * p + 1]), _mm512_unpackhi_ps(u[2 * p], u[2 * p + 1]));
+    return _mm512_add_ps(_mm512_shuffle_ps(t[0], t[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(t[0], t[1], _MM_SHUFFLE(3, 2, 3, 2)));
+}
 #elif defined(__AVX2__)
 #include <immintrin.h>
 #define VEC 8
@@ -168,6 +183,22 @@ static inline float vsum(__m256 v) {
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
 }
+#ifdef __FMA__
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#else
+#define vfma(a, b, c) _mm256_add_ps(_mm256_mul_ps(a, b), c)
+#endif
+/* out lane 4k + m = the sum of v[2m + k]'s lanes, for 8 vectors: halves, then pairs. */
+static inline vec vsums(const vec *v) {
+    vec w[4], t[2];
+    for (int p = 0; p < 4; p++)
+        w[p] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * p], v[2 * p + 1], 0x20),
+                             _mm256_permute2f128_ps(v[2 * p], v[2 * p + 1], 0x31));
+    for (int p = 0; p < 2; p++)
+        t[p] = _mm256_add_ps(_mm256_unpacklo_ps(w[2 * p], w[2 * p + 1]), _mm256_unpackhi_ps(w[2 * p], w[2 * p + 1]));
+    return _mm256_add_ps(_mm256_shuffle_ps(t[0], t[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(t[0], t[1], _MM_SHUFFLE(3, 2, 3, 2)));
+}
 #else
 #define VEC 1
 typedef float vec;
@@ -182,6 +213,7 @@ typedef float vec;
 #define vfloor(v) floorf(v)
 #define vdiv(a, b) ((a) / (b))
 #define vif_nonnegative(g, a, b) ((g) >= 0.0f ? (a) : (b))
+#define vfma(a, b, c) ((a) * (b) + (c))
 static inline float vpow2(float n) {
     union { int32_t i; float f; } u = {.i = ((int32_t)n + 127) << 23};
     return u.f;
@@ -213,35 +245,105 @@ static inline vec exp_nonpositive(vec x) {
     return vmul(p, vpow2(n));
 }
 
-/* One query head over its visible keys `seen` (count, in cache order): out (hd) = softmax(q k * scale) v.
-   `s` is scratch of count floats. */
-static inline __attribute__((always_inline)) void attend(const float *q, const float *keys, const float *values,
-                                                        const long *seen, long count, const long hd, float scale,
-                                                        float *s, float *out) {
-    float top = -INFINITY;
-    for (long t = 0; t < count; t++) {
-        s[t] = dot(q, keys + seen[t] * hd, hd) * scale;
-        top = s[t] > top ? s[t] : top;
-    }
-    /* exponentials and their sum, VEC at a time (s has room for count rounded up to VEC) */
-    for (long t = count; t % VEC; t++) s[t] = -INFINITY;
-    vec sums = vzero();
-    for (long t = 0; t < count; t += VEC) {
-        vec e = exp_nonpositive(vadd(vload(s + t), vset(-top)));
-        vstore(s + t, e);
-        sums = vadd(sums, e);
-    }
-    float total = vsum(sums);
+static inline float vmax_lanes(vec v) {
+    float lanes[VEC], m;
+    vstore(lanes, v);
+    m = lanes[0];
+    for (long l = 1; l < VEC; l++) m = lanes[l] > m ? lanes[l] : m;
+    return m;
+}
+
+/* Query heads q[0 .. nh - 1] of one kv head over its visible keys `seen` (count, in cache order):
+   out[h] (hd) = softmax(q[h] k * scale) v. The heads share each key and value as it is read (from L2
+   for the first head, L1 for the others), and each head's sums are its own, in an order that depends on
+   nothing but its keys. With vectors the scores come VEC keys at a time: key j of a block is summed in
+   vector `slot(j)`, so that one transposing reduction (`vsums`) puts its score in lane j; a block past
+   the last key repeats that key and its lanes are dropped. A key's score depends only on its place in
+   `seen`, which is the same for a tree node as for its one-token step. `s` is scratch of nh rows of
+   `stride` floats (count rounded up to VEC). */
+#if VEC > 1
+#define slot(j) ((VEC / 4) * ((j) % 4) + (j) / 4)
+#endif
+#define MAX_GROUP 4 /* query heads per call */
+static inline __attribute__((always_inline)) void attend(const float *const *q, const float *keys,
+                                                        const float *values, const long *seen, long count,
+                                                        const long hd, const long nh, float scale, float *s,
+                                                        long stride, float *const *out) {
     const long chunks = hd / VEC;
-    vec acc[MAX_CHUNKS];
-    for (long c = 0; c < chunks; c++) acc[c] = vzero();
+    float top[MAX_GROUP], total[MAX_GROUP];
+#if VEC > 1
+    vec tops[MAX_GROUP];
+    for (long h = 0; h < nh; h++) tops[h] = vset(-INFINITY);
+    for (long t = 0; t < count; t += VEC) {
+        for (long h = 0; h < nh; h++) {
+            vec qc[MAX_CHUNKS], part[VEC];
+            qc[0] = vload(q[h]);  /* hd >= VEC (attention_fits) */
+            for (long c = 1; c < chunks; c++) qc[c] = vload(q[h] + c * VEC);
+#pragma GCC unroll 16
+            for (long j = 0; j < VEC; j++) {
+                const float *k = keys + seen[t + j < count ? t + j : count - 1] * hd;
+                vec acc = vmul(qc[0], vload(k));
+                for (long c = 1; c < chunks; c++) acc = vfma(qc[c], vload(k + c * VEC), acc);
+                part[slot(j)] = acc;
+            }
+            vec block = vmul(vsums(part), vset(scale));
+            vstore(s + h * stride + t, block);
+            tops[h] = vmax(tops[h], block);  /* lanes past the last key repeat a real score */
+        }
+    }
+    for (long h = 0; h < nh; h++) top[h] = vmax_lanes(tops[h]);
+#else
+    for (long h = 0; h < nh; h++) {
+        top[h] = -INFINITY;
+        for (long t = 0; t < count; t++) {
+            float x = s[h * stride + t] = dot(q[h], keys + seen[t] * hd, hd) * scale;
+            top[h] = x > top[h] ? x : top[h];
+        }
+    }
+#endif
+    /* exponentials and their sums, VEC at a time */
+    for (long h = 0; h < nh; h++) {
+        float *sh = s + h * stride;
+        for (long t = count; t % VEC; t++) sh[t] = -INFINITY;
+        vec sums = vzero();
+        for (long t = 0; t < count; t += VEC) {
+            vec e = exp_nonpositive(vadd(vload(sh + t), vset(-top[h])));
+            vstore(sh + t, e);
+            sums = vadd(sums, e);
+        }
+        total[h] = vsum(sums);
+    }
+    /* the weighted values, each value row read once for all the heads */
+    vec acc[MAX_GROUP][MAX_CHUNKS];
+    for (long h = 0; h < nh; h++)
+        for (long c = 0; c < chunks; c++) acc[h][c] = vzero();
     for (long t = 0; t < count; t++) {
         const float *v = values + seen[t] * hd;
-        vec e = vset(s[t]);
-        for (long c = 0; c < chunks; c++) acc[c] = vadd(acc[c], vmul(e, vload(v + c * VEC)));
+        for (long c = 0; c < chunks; c++) {
+            vec vc = vload(v + c * VEC);
+            for (long h = 0; h < nh; h++) acc[h][c] = vfma(vset(s[h * stride + t]), vc, acc[h][c]);
+        }
     }
-    for (long c = 0; c < chunks; c++) vstore(out + c * VEC, acc[c]);
-    for (long d = 0; d < hd; d++) out[d] = out[d] / total;
+    for (long h = 0; h < nh; h++) {
+        for (long c = 0; c < chunks; c++) vstore(out[h] + c * VEC, acc[h][c]);
+        for (long d = 0; d < hd; d++) out[h][d] = out[h][d] / total[h];
+    }
+}
+
+/* attend with constant head counts and the common head sizes, so that the sums stay in registers */
+static void attend_heads(const float *const *q, const float *keys, const float *values, const long *seen,
+                         long count, long hd, long nh, float scale, float *s, long stride, float *const *out) {
+#define HEADS_CASE(n)                                                                         \
+    case n:                                                                                   \
+        if (hd == 64)                                                                         \
+            attend(q, keys, values, seen, count, 64, n, scale, s, stride, out);               \
+        else if (hd == 128)                                                                   \
+            attend(q, keys, values, seen, count, 128, n, scale, s, stride, out);              \
+        else                                                                                  \
+            attend(q, keys, values, seen, count, hd, n, scale, s, stride, out);               \
+        break;
+    switch (nh) { HEADS_CASE(1) HEADS_CASE(2) HEADS_CASE(3) HEADS_CASE(4) }
+#undef HEADS_CASE
 }
 
 /* Whether attention_rows runs for this head size (else the caller uses torch). */
@@ -249,30 +351,28 @@ int attention_fits(long hd) { return hd % VEC == 0 && hd / VEC <= MAX_CHUNKS; }
 
 /* out (n, heads * hd) = softmax(q k^T * scale) v per head, over keys/values (kv_heads, capacity, hd),
    entries 0 .. end; visible (n, end) bytes (1: query i may see key j), or NULL: every key.
-   Query heads g * group .. g * group + group - 1 read kv head g (transformers' order). */
+   Query heads g * group .. g * group + group - 1 read kv head g (transformers' order); one task takes a
+   query row and up to MAX_GROUP of the heads that share a kv head. */
 void attention_rows(const float *q, const float *keys, const float *values, long capacity, long end, long n,
                     long heads, long kv_heads, long hd, const uint8_t *visible, float scale, float *out,
                     int threads) {
-    long group = heads / kv_heads;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (threads > 1 && n * kv_heads > 1)
+    long group = heads / kv_heads, per = group < MAX_GROUP ? group : MAX_GROUP, parts = (group + per - 1) / per;
+    long stride = (end + VEC - 1) / VEC * VEC;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (threads > 1 && n * kv_heads * parts > 1)
     for (long i = 0; i < n; i++) {
-        for (long g = 0; g < kv_heads; g++) {
+        for (long task = 0; task < kv_heads * parts; task++) {
+            long g = task / parts, h0 = g * group + task % parts * per;
+            long nh = g * group + group - h0 < per ? g * group + group - h0 : per;
             long *seen = malloc(end * sizeof(long));
-            float *s = malloc((end + VEC) * sizeof(float));
+            float *s = malloc(nh * stride * sizeof(float));
             long count = 0;
             for (long j = 0; j < end; j++)
                 if (!visible || visible[i * end + j]) seen[count++] = j;
-            const float *kg = keys + g * capacity * hd, *vg = values + g * capacity * hd;
-            for (long h = g * group; h < (g + 1) * group; h++) {
-                const float *qh = q + (h * n + i) * hd;
-                float *oh = out + i * heads * hd + h * hd;
-                if (hd == 64)  /* the common head sizes with constant loop bounds: sums stay in registers */
-                    attend(qh, kg, vg, seen, count, 64, scale, s, oh);
-                else if (hd == 128)
-                    attend(qh, kg, vg, seen, count, 128, scale, s, oh);
-                else
-                    attend(qh, kg, vg, seen, count, hd, scale, s, oh);
-            }
+            const float *qh[MAX_GROUP];
+            float *oh[MAX_GROUP];
+            for (long h = 0; h < nh; h++) qh[h] = q + ((h0 + h) * n + i) * hd, oh[h] = out + i * heads * hd + (h0 + h) * hd;
+            attend_heads(qh, keys + g * capacity * hd, values + g * capacity * hd, seen, count, hd, nh, scale, s,
+                         stride, oh);
             free(seen), free(s);
         }
     }
@@ -318,12 +418,17 @@ void silu_mul_quantize(const int32_t *acc, const float *wscale, const float *xsc
 #define LANES 16
 #define TILE 4 /* blocks per tile: 4 x 16 channels */
 #define ROWS 6 /* 24 sums + 4 weight vectors in 32 registers */
+/* A tile's weights (4 x 16 x K bytes: 36 KB at K = 576) outgrow a 32 KB L1, so the next tile is fetched
+   into L2: into L1 it evicted the current tile's lines (Zen 4, 2 threads: a one-row product set 5.9 ms
+   with T0, 4.8 ms with T1; docs/experiments.md). */
+#define PREFETCH_HINT _MM_HINT_T1
 #elif defined(__AVX2__)
 #include <immintrin.h>
 #define GEMM_ISA 1
 #define LANES 8
 #define TILE 2
 #define ROWS 4 /* 8 sums + 2 weight vectors + temporaries in 16 registers */
+#define PREFETCH_HINT _MM_HINT_T0 /* a tile is 2 x 8 x K bytes: 9 KB at K = 576, it fits L1 */
 #else
 #define GEMM_ISA 0
 #define LANES 8
@@ -365,7 +470,7 @@ void gemm_pack(const int8_t *w, long N, long K, int8_t *packed, int32_t *corr) {
    0 .. groups - 1 cover it all), one 64-byte line at a time. Forced inline: GCC takes a call to a function
    that only prefetches for one without effects and drops it. */
 static inline __attribute__((always_inline)) void prefetch_group(const char *tile, long g) {
-    for (long b = 0; b < TILE * LANES * 4; b += 64) _mm_prefetch(tile + g * TILE * LANES * 4 + b, _MM_HINT_T0);
+    for (long b = 0; b < TILE * LANES * 4; b += 64) _mm_prefetch(tile + g * TILE * LANES * 4 + b, PREFETCH_HINT);
 }
 
 /* out[m][n] for rows m0 .. m0 + rows and blocks b0 .. b0 + nb; `x` is the rows as the kernel reads them
@@ -579,13 +684,6 @@ void forward_rows(const layer_t *layers, long count, float *x, long n, long H, c
 
 /* ---- choosing tokens ---- */
 
-static inline float vmax_lanes(vec v) {
-    float lanes[VEC], m;
-    vstore(lanes, v);
-    m = lanes[0];
-    for (long l = 1; l < VEC; l++) m = lanes[l] > m ? lanes[l] : m;
-    return m;
-}
 
 #define CHUNK 64 /* values per chunk maximum: a multiple of VEC */
 
