@@ -18,7 +18,7 @@ from engine.config import TreeConfig
 from engine.head import DraftCache, DraftHead, Eagle3Head
 from engine.int8 import Int8Linear
 from engine.kernels import row_kernels
-from engine.lean import _fuse
+from engine.lean import RotaryTable, _fuse
 from engine.tree import StaticPlan, Tree, make_tree, select_dynamic
 
 
@@ -30,7 +30,7 @@ class RowsHead:
     def __init__(self, head: DraftHead, rows):
         layer = head.layers[0]
         attn, mlp = layer.self_attn, layer.mlp
-        self.rows, self.rotary = rows, head.rotary
+        self.rows, self.rotary = rows, RotaryTable(head.rotary)
         self.fc = Int8Linear(head.fc)
         self.qkv = _fuse([Int8Linear(attn.q_proj), Int8Linear(attn.k_proj), Int8Linear(attn.v_proj)])
         self.o = Int8Linear(attn.o_proj)
@@ -71,7 +71,7 @@ class RowsHead:
         if cache.used + t > cache.capacity:
             raise RuntimeError(f"draft cache full ({cache.used} + {t} > {cache.capacity})")
         x = self.fc(torch.cat([embeds, features.float()], dim=-1))  # (t, H)
-        cos, sin = (c[0].contiguous() for c in self.rotary(x, positions[None]))  # (t, hd) each
+        cos, sin = self.rotary(x, positions)  # (t, hd) each
         visible = mask.to(torch.uint8)
         step = t if self.rows.runs_products(t) else self.rows.gemm_rows
         out = []

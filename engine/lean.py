@@ -6,7 +6,8 @@ on every call. `LeanForward` reads the weights of a loaded transformers model (L
 active sliding window, Qwen2, Qwen3) and runs
   - one fused q/k/v product and one fused gate/up product per layer,
   - a preallocated KV cache (`LeanCache`) written in place,
-  - transformers' own rotary embedding module (so every RoPE scaling variant stays exact),
+  - transformers' own rotary embedding module (so every RoPE scaling variant stays exact), its cos and
+    sin tabulated once per position on a CPU (`RotaryTable`),
   - `scaled_dot_product_attention` with the engine's tree mask, or none for a single token; for the int8
     backend, attention whose rows do not depend on the batch: engine/kernels.c's row-by-row attention,
     or in float64 (`_exact_attention`) where the kernels are not built.
@@ -17,7 +18,7 @@ quantized per output channel, engine/int8.py) and equal up to float rounding for
 
 The forward is attached to the model (`attach_lean`) and picked up by `engine.verify.target_forward`
 and `engine.kv.new_cache`; `model.generate` and everything else keep using transformers' code.
-Tested against transformers' logits (tests/test_lean.py).
+Tested against transformers' logits (tests/test_int8_lean.py).
 """
 
 import torch
@@ -74,6 +75,31 @@ class LeanCache:
         self.keys[:, :, :, past_len : past_len + keep] = self.keys.index_select(3, src)
         self.values[:, :, :, past_len : past_len + keep] = self.values.index_select(3, src)
         self.length = past_len + keep
+
+
+class RotaryTable:
+    """cos and sin of a rotary embedding module for positions 0 .. n - 1, computed once by the module and
+    then indexed: on a CPU one call of the module costs about 90 us, and drafting calls it a few times per
+    tree. Where the module's frequencies follow the sequence length (dynamic RoPE types), or off a CPU
+    (reading the largest position would wait for the device), it is called every time."""
+
+    def __init__(self, rotary: nn.Module):
+        self.rotary = rotary
+        kind = str(getattr(rotary, "rope_type", "default"))
+        self.fixed = "dynamic" not in kind and "longrope" not in kind
+        self.cos = self.sin = None
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (n, head_dim) in x's dtype for positions (n,)."""
+        if not self.fixed or positions.device.type != "cpu":
+            cos, sin = self.rotary(x, positions[None])
+            return cos[0], sin[0]
+        need = int(positions.max()) + 1
+        if self.cos is None or need > self.cos.shape[0] or self.cos.dtype != x.dtype:
+            size = max(need, 512, 2 * self.cos.shape[0] if self.cos is not None else 0)
+            cos, sin = self.rotary(x[:1], torch.arange(size, device=x.device)[None])
+            self.cos, self.sin = cos[0], sin[0]
+        return self.cos[positions], self.sin[positions]
 
 
 def _fuse(linears: list[nn.Module]) -> nn.Module:
@@ -168,7 +194,7 @@ class LeanForward:
             raise ValueError(f"the lean forward does not support this model: {reason}")
         base = getattr(model, model.base_model_prefix)
         config = model.config
-        self.embed, self.norm, self.rotary = base.embed_tokens, base.norm, base.rotary_emb
+        self.embed, self.norm, self.rotary = base.embed_tokens, base.norm, RotaryTable(base.rotary_emb)
         self.layers = [LeanLayer(layer) for layer in base.layers]
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -206,7 +232,7 @@ class LeanForward:
         cache.reserve(past + n)
         end = past + n
         x = self.embed(tokens)  # (n, H)
-        cos, sin = self.rotary(x, positions[None])  # (1, n, hd) each
+        cos, sin = (c[None] for c in self.rotary(x, positions))  # (1, n, hd) each
         if mask is None and n > 1:  # plain causal over the cache and the new tokens
             causal = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(diagonal=past)
             mask = causal[None, None]

@@ -18,7 +18,7 @@ from engine.config import GenerationConfig, SamplingConfig, TreeConfig
 from engine.decode import Engine
 from engine.int8 import Int8Linear, is_int8, quantize_int8, quantize_rows
 from engine.kv import commit_path, new_cache
-from engine.lean import LeanCache, attach_lean, unsupported_reason
+from engine.lean import LeanCache, RotaryTable, attach_lean, unsupported_reason
 from engine.models import backend_name
 from engine.tree import make_tree
 from engine.verify import target_forward, tree_attention_mask
@@ -238,3 +238,19 @@ def test_real_model_int8_eagle2_equals_int8_vanilla(default_model_dir):
             assert end["totals"]["cached_tokens"] == len(ids) - 1  # started from the last run's kept cache
             taus.append(end["totals"]["tau"])
     assert sum(taus) / len(taus) > 1.5
+
+
+def test_rotary_table_gives_the_modules_rows_and_grows():
+    rotary = build("llama").model.rotary_emb
+    table = RotaryTable(rotary)
+    x = torch.randn(3, 8)
+    for positions in (torch.tensor([0, 5, 5, 6]), torch.tensor([700, 3]), torch.tensor([1500])):  # the last two grow it
+        cos, sin = table(x, positions)
+        want_cos, want_sin = rotary(x, positions[None])
+        torch.testing.assert_close(cos, want_cos[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(sin, want_sin[0], atol=1e-6, rtol=0)
+    assert table.cos.shape[0] >= 1501
+    rotary.rope_type = "dynamic"  # frequencies that follow the length: the module answers every call
+    dynamic = RotaryTable(rotary)
+    dynamic(x, torch.tensor([4]))
+    assert not dynamic.fixed and dynamic.cos is None
