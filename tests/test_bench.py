@@ -11,6 +11,7 @@ from engine.bench import runner
 from engine.bench.lossless import check_lossless
 from engine.bench.methods import BASELINES, DEFAULT_METHODS, ENGINE_METHODS, EngineMethod, HFGenerateMethod, TurnOutput
 from engine.bench.questions import BenchSettings, load_questions
+from engine.bench.report import chart_title
 from engine.bench.runner import run_benchmark
 from engine.bench.stats import matched_speedups, summarize
 from engine.checkpoint import save_head
@@ -359,3 +360,11 @@ def test_the_gguf_is_looked_up_only_for_llama_cpp(monkeypatch):
     assert gguf_of(SimpleNamespace(model=None), ["vanilla", "eagle2"]) is None and not asked
     assert gguf_of(SimpleNamespace(model=None), ["vanilla", "llama_cpp"]) == "model.gguf" and asked
     assert gguf_of(SimpleNamespace(model="m.gguf"), ["llama_cpp"]) == "m.gguf"
+
+
+def test_chart_title_names_the_backend_over_the_dtype():
+    config = {"model": None, "dtype": "float32", "temperature": 0.0}
+    report = {"hardware": {"gpu": None, "cpu": "AMD EPYC"}, "config": config}
+    assert chart_title(report) == "default model · float32 · AMD EPYC · T=0.0"  # a report from before backends
+    report["config"]["backend"] = "int8"  # the int8 backend loads float32 weights: its dtype says float32
+    assert chart_title(report) == "default model · int8 · AMD EPYC · T=0.0"

@@ -113,7 +113,12 @@ def write_report(report: dict, out: Path) -> tuple[Path, Path]:
     out.write_text(json.dumps(report, indent=1) + "\n")
     md, png = out.with_suffix(".md"), out.with_suffix(".png")
     md.write_text(markdown_report(report))
-    hw, cfg = report["hardware"], report["config"]
-    title = f"{cfg['model'] or 'default model'} · {cfg['dtype']} · {hw['gpu'] or hw['cpu']} · T={cfg['temperature']}"
-    plot_speedups(report["summary"], png, title)
+    plot_speedups(report["summary"], png, chart_title(report))
     return md, png
+
+
+def chart_title(report: dict) -> str:
+    """Model · backend (the dtype for reports without one) · CPU or GPU · temperature."""
+    hw, cfg = report["hardware"], report["config"]
+    backend = cfg.get("backend") or cfg["dtype"]
+    return f"{cfg['model'] or 'default model'} · {backend} · {hw['gpu'] or hw['cpu']} · T={cfg['temperature']}"
