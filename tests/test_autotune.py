@@ -3,6 +3,7 @@ the per-machine cache. Timings are measured but never asserted."""
 
 import json
 import math
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -12,7 +13,7 @@ from engine.autotune import cache as autotune_cache
 from engine.autotune import calibration
 from engine.autotune import cli as autotune_cli
 from engine.autotune.choice import MAX_POOL, choose_tree, pool_size, tree_grid
-from engine.autotune.costs import MeasuredCost
+from engine.autotune.costs import MeasuredCost, _interleaved_ms
 from engine.bench import cli as bench_cli
 from engine.config import SamplingConfig, TreeConfig
 from engine.draft import Drafter
@@ -283,3 +284,22 @@ def test_sampled_tau_is_the_mean_expected_accepted_length_of_the_drafted_trees()
             expected.append(total)
     assert got.samples == len(expected) > 0
     assert got.tau(tree_cfg) == pytest.approx(1.0 + sum(expected) / len(expected), rel=1e-4)
+
+
+def test_timing_rounds_interleave_the_stages_and_skip_the_warm_up():
+    calls = []
+
+    def stage(name: str, first_ms: float, ms: float):
+        def fn():
+            calls.append(name)
+            time.sleep((first_ms if calls.count(name) == 1 else ms) / 1000)
+
+        return fn
+
+    def evict():
+        calls.append("target")
+
+    stages = [(stage("verify", 0, 1), None), (stage("draft", 80, 3), evict)]
+    verify_ms, draft_ms = _interleaved_ms(stages, repeats=3)
+    assert calls == ["verify", "target", "draft"] * 4  # a warm-up round, then 3, each stage once a round
+    assert 1 <= verify_ms < 20 and 3 <= draft_ms < 40  # the slow first call is the warm-up, not counted

@@ -1,5 +1,10 @@
 """The measured cost model: the target's verify latency per tree size, interpolated, and the head's draft
-latency per (depth, top_k), fitted per top_k as a fixed cost plus a cost per depth step."""
+latency per (depth, top_k), fitted per top_k as a fixed cost plus a cost per depth step.
+
+Each draft is timed right after a one-token target step, as in decoding, where every draft follows a
+verify: the target's weights have just streamed through the caches and pushed the head's out. Timed
+back to back instead, drafts find the head in cache and came out up to 2 ms faster per cycle than in
+decoding on a 2-core CPU (docs/experiments.md), which made the tuner expect speedups it did not get."""
 
 import sys
 import time
@@ -63,6 +68,24 @@ def _median_ms(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
+def _interleaved_ms(stages: list, repeats: int, progress: bool = False) -> list[float]:
+    """Median ms of each (fn, before) stage over `repeats` rounds after a warm-up round; a round times
+    every stage once, so a machine whose speed drifts over the seconds of timing (shared VMs drift by
+    tens of percent) shifts all stages alike instead of some. `before()`, untimed, runs ahead of its fn."""
+    times: list[list[float]] = [[] for _ in stages]
+    with tqdm(total=repeats + 1, desc="timing", disable=not progress, file=sys.stderr, unit="round") as bar:
+        for round_ in range(repeats + 1):
+            for (fn, before), out in zip(stages, times):
+                if before is not None:
+                    before()
+                start = time.perf_counter()
+                fn()
+                if round_:  # the first round warms up
+                    out.append((time.perf_counter() - start) * 1000.0)
+            bar.update()
+    return [float(np.median(t)) for t in times]
+
+
 @torch.no_grad()
 def measure_costs(
     engine: Engine,
@@ -76,7 +99,8 @@ def measure_costs(
 ) -> MeasuredCost:
     """Verify latency per tree size and draft latency per (depth, top_k), after `context_ids` (the
     length of context changes attention cost, so pass a realistic one; the draws at the nodes follow
-    `sampling`, which costs more than argmax). Each point is a median."""
+    `sampling`, which costs more than argmax). Each point is a median over rounds that time every point
+    once (`_interleaved_ms`)."""
     draft_points = draft_points or [(d, k) for k in TOP_KS for d in DEPTHS if pool_size(d, k) <= MAX_POOL]
     past = len(context_ids)
     if past < accepted + 2:
@@ -118,12 +142,9 @@ def measure_costs(
 
         return once
 
-    verify_points, draft_costs = [], []
-    with tqdm(total=len(node_counts) + len(draft_points), desc="timing", disable=not progress, file=sys.stderr) as bar:
-        for n in node_counts:
-            verify_points.append((n, _median_ms(verify(n), repeats)))
-            bar.update()
-        for depth, top_k in draft_points:
-            draft_costs.append((depth, top_k, _median_ms(draft(depth, top_k), repeats)))
-            bar.update()
+    target_step = verify(1)  # what precedes every draft in decoding (see the module doc)
+    stages = [(verify(n), None) for n in node_counts] + [(draft(d, k), target_step) for d, k in draft_points]
+    times = _interleaved_ms(stages, repeats, progress)
+    verify_points = list(zip(node_counts, times[: len(node_counts)]))
+    draft_costs = [(d, k, ms) for (d, k), ms in zip(draft_points, times[len(node_counts) :])]
     return MeasuredCost(verify_points, draft_costs)
