@@ -26,6 +26,8 @@ Invariants:
     converting, and only when `progress` is true.
 """
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -272,11 +274,12 @@ def convert_gguf(gguf: Path, dest: Path, source_sha256: str, progress: bool = Tr
     transformers loads a GGUF dequantized but refuses to save it (it counts as quantized), so a fresh
     model is built from the GGUF's config and the weights are copied in.
     """
-    _say(progress, f"converting {gguf.name} to safetensors in {dest} (one time, about half a minute)")
+    _say(progress, f"converting {gguf.name} to safetensors in {dest} (one time, under half a minute)")
     try:
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with _gguf_read_once():
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(
             f"transformers could not read {gguf} ({type(error).__name__}: {error}); check that the file is a "
@@ -306,6 +309,33 @@ def convert_gguf(gguf: Path, dest: Path, source_sha256: str, progress: bool = Tr
             shutil.rmtree(staging)
     _say(progress, f"converted model saved in {dest}")
     return dest
+
+
+@contextlib.contextmanager
+def _gguf_read_once():
+    """While converting: one `gguf.GGUFReader` per file and one tensor-name map per architecture.
+
+    transformers parses a GGUF's header (with its whole vocabulary) once for the config, twice for the
+    weights and once for the tokenizer, and builds gguf's tensor-name map again for every tensor: about
+    five seconds a parse and 17 ms a map for the default model on a 2-core CPU, 25 s of its 30 s
+    conversion. The readers and maps are the same objects gguf would build; transformers imports both names
+    from `gguf` when it runs, so it picks these up, and both are restored afterwards."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers = {}
+
+    def read_once(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = read_once, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def _default_wheel(cache: Path, progress: bool) -> Path:
