@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import replace
 
-from engine.config import TreeConfig
+from engine.config import DEFAULT_LOOKUP, TreeConfig
 
 DESCRIPTION = """\
 Chat with a language model made faster by EAGLE-2 speculative decoding, and watch how: a small draft
@@ -66,9 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "settings; same: always the --tree settings; or three numbers.",
     )
     m.add_argument(
-        "--lookup", type=int, default=10, metavar="N",
+        "--lookup", type=int, default=DEFAULT_LOOKUP, metavar="N",
         help="add a prompt-lookup branch of up to N tokens copied from the conversation to every draft tree "
-        "(still lossless; helps replies that quote their input). Default: 10; 0 turns it off.",
+        "(still lossless; helps replies that quote their input). Default: %(default)s; 0 turns it off.",
     )
     m.add_argument(
         "--adaptive", action="store_true",

@@ -19,6 +19,11 @@ class Method(StrEnum):
 
 METHODS = tuple(m.value for m in Method)
 
+# The app's prompt-lookup branch: up to this many copied tokens in every tree. On a CPU each verified node
+# costs 0.7-1.6 ms, and on an AVX-512 EPYC (int8, 26 questions, one interleaved run) 4-6 tokens gave
+# 1.33x vanilla, 10 gave 1.21x, 16 gave 1.12x (docs/experiments.md).
+DEFAULT_LOOKUP = 5
+
 
 @dataclass(frozen=True)
 class TreeConfig:

@@ -11,8 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-LOOKUP = 10  # the app's prompt-lookup branch (--lookup 10)
-
+from engine.config import DEFAULT_LOOKUP as LOOKUP  # the app's prompt-lookup branch
 
 SHAPES = {  # random-weight Llama configs: the probe's and the stand-in's
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

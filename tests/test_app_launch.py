@@ -30,7 +30,7 @@ def test_defaults():
     args = launch.parse_args([])
     assert (args.model, args.head, args.device, args.dtype) == (None, None, "auto", "auto")
     assert (args.host, args.port, args.share, args.auth, args.no_browser) == ("127.0.0.1", 7860, False, None, False)
-    assert (args.lookup, args.adaptive) == (10, False) and launch.parse_args(["--adaptive"]).adaptive
+    assert (args.lookup, args.adaptive) == (5, False) and launch.parse_args(["--adaptive"]).adaptive
 
 
 def test_quantization_flags_exclude_each_other():

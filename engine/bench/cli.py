@@ -19,7 +19,7 @@ from engine.bench.report import fmt, write_report
 from engine.bench.runner import MemoryMeter, run_benchmark
 from engine.bench.stats import matched_speedups, summarize
 from engine.cli import add_engine_arguments, engine_from_args, quantization_of
-from engine.config import GenerationConfig, SamplingConfig, TreeConfig
+from engine.config import DEFAULT_LOOKUP, GenerationConfig, SamplingConfig, TreeConfig
 from engine.decode import Engine
 from engine.hardware import hardware_info, peak_rss_mb
 
@@ -116,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--autotune", action="store_true", help="use the tree auto-tuned for this hardware and sampling instead"
     )
     parser.add_argument(
-        "--prompt-lookup-tokens", type=int, default=10,
+        "--prompt-lookup-tokens", type=int, default=DEFAULT_LOOKUP,
         help="prompt_lookup_num_tokens of hf_prompt_lookup, and the lookup branch of eagle2_lookup and eagle2_adaptive",
     )  # fmt: skip
     parser.add_argument("--warmup-tokens", type=int, default=32)

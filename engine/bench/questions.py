@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.config import SamplingConfig, TreeConfig
+from engine.config import DEFAULT_LOOKUP, SamplingConfig, TreeConfig
 from engine.decode import Engine
 
 
@@ -16,7 +16,7 @@ class BenchSettings:
     tree: TreeConfig = field(default_factory=TreeConfig)
     seed: int = 0
     warmup_tokens: int = 32  # tokens of the one warm-up answer per method
-    prompt_lookup_num_tokens: int = 10
+    prompt_lookup_num_tokens: int = DEFAULT_LOOKUP  # the app's lookup branch
 
 
 
