@@ -31,7 +31,7 @@ from engine.acceptance import SAMPLING, head_digest, load_shipped
 from engine.autotune.cache import TuneResult, tuning_key
 from engine.autotune.calibration import CALIBRATION_PROMPTS, calibrate_acceptance, reference_answers
 from engine.autotune.choice import SAMPLED_GRID, rank_trees, tree_grid
-from engine.autotune.costs import measure_costs
+from engine.autotune.costs import TIMING, measure_costs
 from engine.backend import PROBE_NODES, BackendChoice, BackendRate, choose_backend, cpu_candidates, dominated, variant
 from engine.checkpoint import load_head
 from engine.decode import Engine
@@ -91,6 +91,7 @@ def backend_key(model, head_dir: Path, candidates: tuple[str, ...]) -> dict:
         "threads": hw["threads"],
         "torch": hw["torch"],
         "int8_rows": kernels_id(),
+        "timing": TIMING,
         "candidates": list(candidates),
     }
 

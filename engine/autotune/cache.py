@@ -16,7 +16,7 @@ from engine.autotune.calibration import (
     reference_answers,
 )
 from engine.autotune.choice import SAMPLED_GRID, Candidate, rank_trees, tree_grid
-from engine.autotune.costs import NODE_COUNTS, MeasuredCost, measure_costs
+from engine.autotune.costs import NODE_COUNTS, TIMING, MeasuredCost, measure_costs
 from engine.config import SamplingConfig, TreeConfig
 from engine.decode import Engine
 from engine.hardware import hardware_info
@@ -114,6 +114,7 @@ def tuning_key(engine: Engine, sampling: SamplingConfig = SamplingConfig()) -> d
         "dtype": str(engine.dtype).removeprefix("torch."),
         "device": f"{engine.device} ({where})",
         "torch": hw["torch"],
+        "timing": TIMING,
     }
     if engine.device.type == "cpu":  # the same CPU model ships with and without bf16 or AMX kernels
         key["isa"] = hw["isa"]

@@ -23,6 +23,8 @@ from engine.tree import make_tree
 from engine.verify import accept, draw_tokens, target_forward, tree_attention_mask
 
 NODE_COUNTS = (1, 8, 16, 32, 48, 64, 96, 128)
+# How `measure_costs` times, in the tuning caches' keys: a tuning timed another way is timed again.
+TIMING = "drafts after a target step, interleaved rounds"
 
 
 def _interp(x: float, xs: list[float], ys: list[float]) -> float:
