@@ -361,8 +361,8 @@ void attention_rows(const float *q, const float *keys, const float *values, long
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (threads > 1 && n * kv_heads * parts > 1)
     for (long i = 0; i < n; i++) {
         for (long task = 0; task < kv_heads * parts; task++) {
-            long g = task / parts, h0 = g * group + task % parts * per;
-            long nh = g * group + group - h0 < per ? g * group + group - h0 : per;
+            long g = task / parts, h0 = g * group + task % parts * per, rest = (g + 1) * group - h0;
+            long nh = rest < per ? rest : per;
             long *seen = malloc(end * sizeof(long));
             float *s = malloc(nh * stride * sizeof(float));
             long count = 0;
@@ -683,7 +683,6 @@ void forward_rows(const layer_t *layers, long count, float *x, long n, long H, c
 }
 
 /* ---- choosing tokens ---- */
-
 
 #define CHUNK 64 /* values per chunk maximum: a multiple of VEC */
 
