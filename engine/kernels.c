@@ -9,7 +9,7 @@
    the number of rows, so a token verified in a tree gets the very bits it gets alone. Built with
    -ffp-contract=off: no fused multiply-adds, every operation rounds as written. Quantization and
    rescaling reproduce engine/int8.py's torch code bit for bit; the RMS norm sums its squares in
-   double, in order, so it differs from torch's in the last bit now and then. */
+   double, in a fixed order of its own, so it differs from torch's in the last bit now and then. */
 
 #include <math.h>
 #include <stdint.h>
@@ -21,16 +21,122 @@
 
 #define QMAX 127.0f
 
+/* Vectors of VEC floats: AVX-512, AVX2 or plain floats (VEC 1), one set of macros for every kernel. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define VEC 16
+typedef __m512 vec;
+#define vzero() _mm512_setzero_ps()
+#define vload(p) _mm512_loadu_ps(p)
+#define vstore(p, v) _mm512_storeu_ps(p, v)
+#define vset(x) _mm512_set1_ps(x)
+#define vadd(a, b) _mm512_add_ps(a, b)
+#define vmul(a, b) _mm512_mul_ps(a, b)
+#define vsum(v) _mm512_reduce_add_ps(v)
+#define vmax(a, b) _mm512_max_ps(a, b)
+#define vabs(v) _mm512_abs_ps(v)
+#define vfloor(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)
+#define vpow2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
+#define vdiv(a, b) _mm512_div_ps(a, b)
+#define vif_nonnegative(g, a, b) _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ), b, a)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+/* out lane 4k + m = the sum of v[4m + k]'s lanes, for 16 vectors: halves, then quarters, then pairs. */
+static inline vec vsums(const vec *v) {
+    vec w[8], u[4], t[2];
+    for (int p = 0; p < 8; p++)
+        w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int p = 0; p < 4; p++)
+        u[p] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * p], w[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(w[2 * p], w[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int p = 0; p < 2; p++)
+        t[p] = _mm512_add_ps(_mm512_unpacklo_ps(u[2 * p], u[2 * p + 1]), _mm512_unpackhi_ps(u[2 * p], u[2 * p + 1]));
+    return _mm512_add_ps(_mm512_shuffle_ps(t[0], t[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(t[0], t[1], _MM_SHUFFLE(3, 2, 3, 2)));
+}
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define VEC 8
+typedef __m256 vec;
+#define vzero() _mm256_setzero_ps()
+#define vload(p) _mm256_loadu_ps(p)
+#define vstore(p, v) _mm256_storeu_ps(p, v)
+#define vset(x) _mm256_set1_ps(x)
+#define vadd(a, b) _mm256_add_ps(a, b)
+#define vmul(a, b) _mm256_mul_ps(a, b)
+#define vmax(a, b) _mm256_max_ps(a, b)
+#define vabs(v) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v)
+#define vfloor(v) _mm256_floor_ps(v)
+#define vpow2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+#define vdiv(a, b) _mm256_div_ps(a, b)
+#define vif_nonnegative(g, a, b) _mm256_blendv_ps(b, a, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_GE_OQ))
+static inline float vsum(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+#ifdef __FMA__
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#else
+#define vfma(a, b, c) _mm256_add_ps(_mm256_mul_ps(a, b), c)
+#endif
+/* out lane 4k + m = the sum of v[2m + k]'s lanes, for 8 vectors: halves, then pairs. */
+static inline vec vsums(const vec *v) {
+    vec w[4], t[2];
+    for (int p = 0; p < 4; p++)
+        w[p] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * p], v[2 * p + 1], 0x20),
+                             _mm256_permute2f128_ps(v[2 * p], v[2 * p + 1], 0x31));
+    for (int p = 0; p < 2; p++)
+        t[p] = _mm256_add_ps(_mm256_unpacklo_ps(w[2 * p], w[2 * p + 1]), _mm256_unpackhi_ps(w[2 * p], w[2 * p + 1]));
+    return _mm256_add_ps(_mm256_shuffle_ps(t[0], t[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(t[0], t[1], _MM_SHUFFLE(3, 2, 3, 2)));
+}
+#else
+#define VEC 1
+typedef float vec;
+#define vzero() 0.0f
+#define vload(p) (*(p))
+#define vstore(p, v) (*(p) = (v))
+#define vset(x) (x)
+#define vadd(a, b) ((a) + (b))
+#define vmul(a, b) ((a) * (b))
+#define vsum(v) (v)
+#define vmax(a, b) ((a) > (b) ? (a) : (b))
+#define vabs(v) fabsf(v)
+#define vfloor(v) floorf(v)
+#define vdiv(a, b) ((a) / (b))
+#define vif_nonnegative(g, a, b) ((g) >= 0.0f ? (a) : (b))
+#define vfma(a, b, c) ((a) * (b) + (c))
+static inline float vpow2(float n) {
+    union { int32_t i; float f; } u = {.i = ((int32_t)n + 127) << 23};
+    return u.f;
+}
+#endif
+static inline float vmax_lanes(vec v) {
+    float lanes[VEC], m;
+    vstore(lanes, v);
+    m = lanes[0];
+    for (long l = 1; l < VEC; l++) m = lanes[l] > m ? lanes[l] : m;
+    return m;
+}
+
+
 /* Symmetric int8 quantization of one row, as engine/int8.py's quantize_rows:
    scale = max(max |h|, 1e-12) / 127, q = round-half-even(h / scale). */
 static void quantize_row(const float *h, long K, int8_t *q, float *scale) {
-    float amax = 0.0f;
-    for (long k = 0; k < K; k++) {
+    float amax = 0.0f;  /* a maximum is exact in any order: VEC lanes, then the lanes, then the tail */
+    long k = 0;
+#if VEC > 1
+    vec m = vzero();
+    for (; k + VEC <= K; k += VEC) m = vmax(vabs(vload(h + k)), m);  /* a NaN is skipped, as below */
+    amax = vmax_lanes(m);
+#endif
+    for (; k < K; k++) {
         float a = fabsf(h[k]);
         amax = a > amax ? a : amax;
     }
     float s = (amax < 1e-12f ? 1e-12f : amax) / QMAX;
-    for (long k = 0; k < K; k++) q[k] = (int8_t)nearbyintf(h[k] / s);
+    for (k = 0; k < K; k++) q[k] = (int8_t)nearbyintf(h[k] / s);
     *scale = s;
 }
 
@@ -40,9 +146,16 @@ static inline float rescale(int32_t acc, float wscale, float xscale, const float
     return bias ? y + bias[j] : y;
 }
 
+/* 1 / sqrt(mean(x^2) + eps): the squares summed in double, in SUMS interleaved partial sums (value k
+   into sum k % SUMS, in order) that are then added in order; the same for every row. */
+#define SUMS 8
 static float inverse_rms(const float *x, long K, float eps) {
-    double sum = 0.0;
-    for (long k = 0; k < K; k++) sum += (double)x[k] * (double)x[k];
+    double part[SUMS] = {0.0}, sum = 0.0;
+    long k = 0;
+    for (; k + SUMS <= K; k += SUMS)
+        for (long l = 0; l < SUMS; l++) part[l] += (double)x[k + l] * (double)x[k + l];
+    for (; k < K; k++) part[k % SUMS] += (double)x[k] * (double)x[k];
+    for (long l = 0; l < SUMS; l++) sum += part[l];
     return 1.0f / sqrtf((float)(sum / (double)K) + eps);
 }
 
@@ -98,11 +211,11 @@ static void rotate(const float *v, const float *cos, const float *sin, long hd, 
 /* The fused q/k/v product's rows, rescaled: q and k rotated (cos, sin: (n, hd)); q written to
    q_out (heads, n, hd) and k, v to this layer's cache (kv_heads, capacity, hd) at past + i.
    `v` is scratch of hd floats. */
-void qkv_rotate_store(const int32_t *acc, const float *wscale, const float *xscale, const float *bias,
-                      const float *cos, const float *sin, long n, long heads, long kv_heads, long hd,
-                      float *q_out, float *keys, float *values, long capacity, long past, float *v) {
+static void qkv_rotate_span(const int32_t *acc, const float *wscale, const float *xscale, const float *bias,
+                            const float *cos, const float *sin, long n, long i0, long i1, long heads, long kv_heads,
+                            long hd, float *q_out, float *keys, float *values, long capacity, long past, float *v) {
     long width = (heads + 2 * kv_heads) * hd;
-    for (long i = 0; i < n; i++) {
+    for (long i = i0; i < i1; i++) {
         const int32_t *row = acc + i * width;
         const float *c = cos + i * hd, *s = sin + i * hd;
         for (long h = 0; h < heads + 2 * kv_heads; h++) {
@@ -122,6 +235,13 @@ void qkv_rotate_store(const int32_t *acc, const float *wscale, const float *xsca
     }
 }
 
+void qkv_rotate_store(const int32_t *acc, const float *wscale, const float *xscale, const float *bias,
+                      const float *cos, const float *sin, long n, long heads, long kv_heads, long hd,
+                      float *q_out, float *keys, float *values, long capacity, long past, float *v) {
+    qkv_rotate_span(acc, wscale, xscale, bias, cos, sin, n, 0, n, heads, kv_heads, hd, q_out, keys, values, capacity,
+                    past, v);
+}
+
 /* ---- attention whose every row is computed alone ----
 
    Query i attends to the keys it may see, taken in cache order; every sum over keys (the softmax's
@@ -132,93 +252,6 @@ void qkv_rotate_store(const int32_t *acc, const float *wscale, const float *xsca
    as its path's tokens precede it in the cache). Loops that only map (scores, exponentials) or that
    keep one sum per lane are written so the compiler vectorizes them without reordering a sum. */
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define VEC 16
-typedef __m512 vec;
-#define vzero() _mm512_setzero_ps()
-#define vload(p) _mm512_loadu_ps(p)
-#define vstore(p, v) _mm512_storeu_ps(p, v)
-#define vset(x) _mm512_set1_ps(x)
-#define vadd(a, b) _mm512_add_ps(a, b)
-#define vmul(a, b) _mm512_mul_ps(a, b)
-#define vsum(v) _mm512_reduce_add_ps(v)
-#define vmax(a, b) _mm512_max_ps(a, b)
-#define vfloor(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)
-#define vpow2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
-#define vdiv(a, b) _mm512_div_ps(a, b)
-#define vif_nonnegative(g, a, b) _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ), b, a)
-#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
-/* out lane 4k + m = the sum of v[4m + k]'s lanes, for 16 vectors: halves, then quarters, then pairs. */
-static inline vec vsums(const vec *v) {
-    vec w[8], u[4], t[2];
-    for (int p = 0; p < 8; p++)
-        w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-    for (int p = 0; p < 4; p++)
-        u[p] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * p], w[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_f32x4(w[2 * p], w[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    for (int p = 0; p < 2; p++)
-        t[p] = _mm512_add_ps(_mm512_unpacklo_ps(u[2 * p], u[2 * p + 1]), _mm512_unpackhi_ps(u[2 * p], u[2 * p + 1]));
-    return _mm512_add_ps(_mm512_shuffle_ps(t[0], t[1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(t[0], t[1], _MM_SHUFFLE(3, 2, 3, 2)));
-}
-#elif defined(__AVX2__)
-#include <immintrin.h>
-#define VEC 8
-typedef __m256 vec;
-#define vzero() _mm256_setzero_ps()
-#define vload(p) _mm256_loadu_ps(p)
-#define vstore(p, v) _mm256_storeu_ps(p, v)
-#define vset(x) _mm256_set1_ps(x)
-#define vadd(a, b) _mm256_add_ps(a, b)
-#define vmul(a, b) _mm256_mul_ps(a, b)
-#define vmax(a, b) _mm256_max_ps(a, b)
-#define vfloor(v) _mm256_floor_ps(v)
-#define vpow2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
-#define vdiv(a, b) _mm256_div_ps(a, b)
-#define vif_nonnegative(g, a, b) _mm256_blendv_ps(b, a, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_GE_OQ))
-static inline float vsum(__m256 v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-}
-#ifdef __FMA__
-#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
-#else
-#define vfma(a, b, c) _mm256_add_ps(_mm256_mul_ps(a, b), c)
-#endif
-/* out lane 4k + m = the sum of v[2m + k]'s lanes, for 8 vectors: halves, then pairs. */
-static inline vec vsums(const vec *v) {
-    vec w[4], t[2];
-    for (int p = 0; p < 4; p++)
-        w[p] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * p], v[2 * p + 1], 0x20),
-                             _mm256_permute2f128_ps(v[2 * p], v[2 * p + 1], 0x31));
-    for (int p = 0; p < 2; p++)
-        t[p] = _mm256_add_ps(_mm256_unpacklo_ps(w[2 * p], w[2 * p + 1]), _mm256_unpackhi_ps(w[2 * p], w[2 * p + 1]));
-    return _mm256_add_ps(_mm256_shuffle_ps(t[0], t[1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm256_shuffle_ps(t[0], t[1], _MM_SHUFFLE(3, 2, 3, 2)));
-}
-#else
-#define VEC 1
-typedef float vec;
-#define vzero() 0.0f
-#define vload(p) (*(p))
-#define vstore(p, v) (*(p) = (v))
-#define vset(x) (x)
-#define vadd(a, b) ((a) + (b))
-#define vmul(a, b) ((a) * (b))
-#define vsum(v) (v)
-#define vmax(a, b) ((a) > (b) ? (a) : (b))
-#define vfloor(v) floorf(v)
-#define vdiv(a, b) ((a) / (b))
-#define vif_nonnegative(g, a, b) ((g) >= 0.0f ? (a) : (b))
-#define vfma(a, b, c) ((a) * (b) + (c))
-static inline float vpow2(float n) {
-    union { int32_t i; float f; } u = {.i = ((int32_t)n + 127) << 23};
-    return u.f;
-}
-#endif
 #define MAX_CHUNKS 16 /* head_dim up to 16 * VEC in registers */
 
 /* q . k over hd values (hd % VEC == 0): per lane a running sum over the chunks, then one fixed
@@ -245,102 +278,134 @@ static inline vec exp_nonpositive(vec x) {
     return vmul(p, vpow2(n));
 }
 
-static inline float vmax_lanes(vec v) {
-    float lanes[VEC], m;
-    vstore(lanes, v);
-    m = lanes[0];
-    for (long l = 1; l < VEC; l++) m = lanes[l] > m ? lanes[l] : m;
-    return m;
-}
 
-/* Query heads q[0 .. nh - 1] of one kv head over its visible keys `seen` (count, in cache order):
-   out[h] (hd) = softmax(q[h] k * scale) v. The heads share each key and value as it is read (from L2
-   for the first head, L1 for the others), and each head's sums are its own, in an order that depends on
-   nothing but its keys. With vectors the scores come VEC keys at a time: key j of a block is summed in
-   vector `slot(j)`, so that one transposing reduction (`vsums`) puts its score in lane j; a block past
-   the last key repeats that key and its lanes are dropped. A key's score depends only on its place in
-   `seen`, which is the same for a tree node as for its one-token step. `s` is scratch of nh rows of
-   `stride` floats (count rounded up to VEC). */
+#define MAX_GROUP 4 /* query heads per task */
+
+/* One query row's share of a task: its query heads q[0 .. nh - 1] (which read one kv head), their outputs,
+   the keys it sees (`seen`, count, in cache order), its scores `s` (nh rows of `stride` floats: count
+   rounded up to VEC) and each head's running maximum, lane by lane. */
+typedef struct {
+    const float *q[MAX_GROUP];
+    float *out[MAX_GROUP];
+    const long *seen;
+    long count;
+    float *s;
+    float tops[MAX_GROUP][VEC];
+} query_t;
+
+/* Scores of the keys at places t .. t + VEC - 1 of r's seen list, for its nh heads: out of the cache
+   directly where `direct` (those places are keys t .. t + VEC - 1, seen by every row of the call). With
+   vectors, key j of the block is summed in vector `slot(j)`, so that one transposing reduction (`vsums`)
+   puts its score in lane j; a block past the last key repeats that key and its lanes are dropped. A key's
+   score depends only on the query and the key, and its lane only on its place in `seen`. */
 #if VEC > 1
 #define slot(j) ((VEC / 4) * ((j) % 4) + (j) / 4)
 #endif
-#define MAX_GROUP 4 /* query heads per call */
-static inline __attribute__((always_inline)) void attend(const float *const *q, const float *keys,
-                                                        const float *values, const long *seen, long count,
-                                                        const long hd, const long nh, float scale, float *s,
-                                                        long stride, float *const *out) {
-    const long chunks = hd / VEC;
-    float top[MAX_GROUP], total[MAX_GROUP];
+static inline __attribute__((always_inline)) void score_block(query_t *r, const float *keys, long t, int direct,
+                                                             const long hd, const long nh, float scale, long stride) {
 #if VEC > 1
-    vec tops[MAX_GROUP];
-    for (long h = 0; h < nh; h++) tops[h] = vset(-INFINITY);
-    for (long t = 0; t < count; t += VEC) {
-        for (long h = 0; h < nh; h++) {
-            vec qc[MAX_CHUNKS], part[VEC];
-            qc[0] = vload(q[h]);  /* hd >= VEC (attention_fits) */
-            for (long c = 1; c < chunks; c++) qc[c] = vload(q[h] + c * VEC);
-#pragma GCC unroll 16
-            for (long j = 0; j < VEC; j++) {
-                const float *k = keys + seen[t + j < count ? t + j : count - 1] * hd;
-                vec acc = vmul(qc[0], vload(k));
-                for (long c = 1; c < chunks; c++) acc = vfma(qc[c], vload(k + c * VEC), acc);
-                part[slot(j)] = acc;
-            }
-            vec block = vmul(vsums(part), vset(scale));
-            vstore(s + h * stride + t, block);
-            tops[h] = vmax(tops[h], block);  /* lanes past the last key repeat a real score */
-        }
-    }
-    for (long h = 0; h < nh; h++) top[h] = vmax_lanes(tops[h]);
-#else
+    const long chunks = hd / VEC;
     for (long h = 0; h < nh; h++) {
-        top[h] = -INFINITY;
-        for (long t = 0; t < count; t++) {
-            float x = s[h * stride + t] = dot(q[h], keys + seen[t] * hd, hd) * scale;
-            top[h] = x > top[h] ? x : top[h];
+        vec qc[MAX_CHUNKS], part[VEC];
+        qc[0] = vload(r->q[h]);  /* hd >= VEC (attention_fits) */
+        for (long c = 1; c < chunks; c++) qc[c] = vload(r->q[h] + c * VEC);
+#pragma GCC unroll 16
+        for (long j = 0; j < VEC; j++) {
+            long key = direct ? t + j : r->seen[t + j < r->count ? t + j : r->count - 1];
+            const float *k = keys + key * hd;
+            vec acc = vmul(qc[0], vload(k));
+            for (long c = 1; c < chunks; c++) acc = vfma(qc[c], vload(k + c * VEC), acc);
+            part[slot(j)] = acc;
         }
+        vec block = vmul(vsums(part), vset(scale));
+        vstore(r->s + h * stride + t, block);
+        vstore(r->tops[h], vmax(vload(r->tops[h]), block));  /* lanes past the last key repeat a real score */
+    }
+#else
+    (void)direct;
+    for (long h = 0; h < nh; h++) {
+        float x = r->s[h * stride + t] = dot(r->q[h], keys + r->seen[t] * hd, hd) * scale;
+        r->tops[h][0] = x > r->tops[h][0] ? x : r->tops[h][0];
     }
 #endif
-    /* exponentials and their sums, VEC at a time */
-    for (long h = 0; h < nh; h++) {
-        float *sh = s + h * stride;
-        for (long t = count; t % VEC; t++) sh[t] = -INFINITY;
-        vec sums = vzero();
-        for (long t = 0; t < count; t += VEC) {
-            vec e = exp_nonpositive(vadd(vload(sh + t), vset(-top[h])));
-            vstore(sh + t, e);
-            sums = vadd(sums, e);
-        }
-        total[h] = vsum(sums);
-    }
-    /* the weighted values, each value row read once for all the heads */
+}
+
+/* r's weighted values over places t0 .. t1 - 1 of its seen list, added to its outputs: each value row
+   read once for the heads, every head's sums one key at a time in seen order. */
+static inline __attribute__((always_inline)) void value_span(query_t *r, const float *values, long t0, long t1,
+                                                            int direct, const long hd, const long nh, long stride) {
+    const long chunks = hd / VEC;
     vec acc[MAX_GROUP][MAX_CHUNKS];
     for (long h = 0; h < nh; h++)
-        for (long c = 0; c < chunks; c++) acc[h][c] = vzero();
-    for (long t = 0; t < count; t++) {
-        const float *v = values + seen[t] * hd;
+        for (long c = 0; c < chunks; c++) acc[h][c] = vload(r->out[h] + c * VEC);
+    for (long t = t0; t < t1; t++) {
+        const float *v = values + (direct ? t : r->seen[t]) * hd;
         for (long c = 0; c < chunks; c++) {
             vec vc = vload(v + c * VEC);
-            for (long h = 0; h < nh; h++) acc[h][c] = vfma(vset(s[h * stride + t]), vc, acc[h][c]);
+            for (long h = 0; h < nh; h++) acc[h][c] = vfma(vset(r->s[h * stride + t]), vc, acc[h][c]);
         }
     }
-    for (long h = 0; h < nh; h++) {
-        for (long c = 0; c < chunks; c++) vstore(out[h] + c * VEC, acc[h][c]);
-        for (long d = 0; d < hd; d++) out[h][d] = out[h][d] / total[h];
+    for (long h = 0; h < nh; h++)
+        for (long c = 0; c < chunks; c++) vstore(r->out[h] + c * VEC, acc[h][c]);
+}
+
+#define VALUE_SPAN (4 * VEC) /* keys whose values the rows of a task take in turn, from L1 */
+
+/* Rows rows[0 .. nr - 1] of one kv head's heads: out[h] (hd) = softmax(q[h] k * scale) v. The first
+   `shared` keys (a multiple of VEC), which every row sees, are taken a block at a time for all the rows,
+   so that a block read from memory serves the other rows and heads from L1; each row then goes on over
+   the rest of its own keys. Each row's sums run in the same order either way: its result depends on
+   nothing but its own query and the keys and values it sees. */
+static inline __attribute__((always_inline)) void attend(query_t *rows, long nr, long shared, const float *keys,
+                                                        const float *values, const long hd, const long nh,
+                                                        float scale, long stride) {
+    for (long i = 0; i < nr; i++)
+        for (long h = 0; h < nh; h++)
+            for (long l = 0; l < VEC; l++) rows[i].tops[h][l] = -INFINITY;
+    for (long t = 0; t < shared; t += VEC)
+        for (long i = 0; i < nr; i++) score_block(rows + i, keys, t, 1, hd, nh, scale, stride);
+    for (long i = 0; i < nr; i++)
+        for (long t = shared; t < rows[i].count; t += VEC) score_block(rows + i, keys, t, 0, hd, nh, scale, stride);
+    float total[MAX_GROUP];
+    for (long i = 0; i < nr; i++) {  /* exponentials, summed VEC at a time */
+        query_t *r = rows + i;
+        for (long h = 0; h < nh; h++) {
+            float *sh = r->s + h * stride, top = vmax_lanes(vload(r->tops[h]));
+            for (long t = r->count; t % VEC; t++) sh[t] = -INFINITY;
+            vec sums = vzero();
+            for (long t = 0; t < r->count; t += VEC) {
+                vec e = exp_nonpositive(vadd(vload(sh + t), vset(-top)));
+                vstore(sh + t, e);
+                sums = vadd(sums, e);
+            }
+            for (long c = 0; c < hd / VEC; c++) vstore(r->out[h] + c * VEC, vzero());
+            r->tops[h][0] = vsum(sums);  /* the row's denominator, kept where its maximum was */
+        }
+    }
+    for (long t = 0; t < shared; t += VALUE_SPAN) {
+        long t1 = t + VALUE_SPAN < shared ? t + VALUE_SPAN : shared;
+        for (long i = 0; i < nr; i++) value_span(rows + i, values, t, t1, 1, hd, nh, stride);
+    }
+    for (long i = 0; i < nr; i++) {
+        query_t *r = rows + i;
+        value_span(r, values, shared, r->count, 0, hd, nh, stride);
+        for (long h = 0; h < nh; h++) total[h] = r->tops[h][0];
+        for (long h = 0; h < nh; h++)
+            for (long d = 0; d < hd; d++) r->out[h][d] = r->out[h][d] / total[h];
     }
 }
 
 /* attend with constant head counts and the common head sizes, so that the sums stay in registers */
-static void attend_heads(const float *const *q, const float *keys, const float *values, const long *seen,
-                         long count, long hd, long nh, float scale, float *s, long stride, float *const *out) {
+static void attend_heads(query_t *rows, long nr, long shared, const float *keys, const float *values, long hd,
+                         long nh, float scale, long stride) {
 #define HEADS_CASE(n)                                                                         \
     case n:                                                                                   \
         if (hd == 64)                                                                         \
-            attend(q, keys, values, seen, count, 64, n, scale, s, stride, out);               \
+            attend(rows, nr, shared, keys, values, 64, n, scale, stride);                     \
         else if (hd == 128)                                                                   \
-            attend(q, keys, values, seen, count, 128, n, scale, s, stride, out);              \
+            attend(rows, nr, shared, keys, values, 128, n, scale, stride);                    \
         else                                                                                  \
-            attend(q, keys, values, seen, count, hd, n, scale, s, stride, out);               \
+            attend(rows, nr, shared, keys, values, hd, n, scale, stride);                     \
         break;
     switch (nh) { HEADS_CASE(1) HEADS_CASE(2) HEADS_CASE(3) HEADS_CASE(4) }
 #undef HEADS_CASE
@@ -351,31 +416,46 @@ int attention_fits(long hd) { return hd % VEC == 0 && hd / VEC <= MAX_CHUNKS; }
 
 /* out (n, heads * hd) = softmax(q k^T * scale) v per head, over keys/values (kv_heads, capacity, hd),
    entries 0 .. end; visible (n, end) bytes (1: query i may see key j), or NULL: every key.
-   Query heads g * group .. g * group + group - 1 read kv head g (transformers' order); one task takes a
-   query row and up to MAX_GROUP of the heads that share a kv head. */
+   Query heads g * group .. g * group + group - 1 read kv head g (transformers' order). A task takes up
+   to MAX_GROUP of the heads that share a kv head, for one of `blocks` runs of consecutive rows (as many
+   runs as threads, so that a tree's rows split over them while each kv head's keys serve several rows). */
 void attention_rows(const float *q, const float *keys, const float *values, long capacity, long end, long n,
                     long heads, long kv_heads, long hd, const uint8_t *visible, float scale, float *out,
                     int threads) {
     long group = heads / kv_heads, per = group < MAX_GROUP ? group : MAX_GROUP, parts = (group + per - 1) / per;
-    long stride = (end + VEC - 1) / VEC * VEC;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (threads > 1 && n * kv_heads * parts > 1)
-    for (long i = 0; i < n; i++) {
-        for (long task = 0; task < kv_heads * parts; task++) {
-            long g = task / parts, h0 = g * group + task % parts * per, rest = (g + 1) * group - h0;
-            long nh = rest < per ? rest : per;
-            long *seen = malloc(end * sizeof(long));
-            float *s = malloc(nh * stride * sizeof(float));
-            long count = 0;
-            for (long j = 0; j < end; j++)
-                if (!visible || visible[i * end + j]) seen[count++] = j;
-            const float *qh[MAX_GROUP];
-            float *oh[MAX_GROUP];
-            for (long h = 0; h < nh; h++) qh[h] = q + ((h0 + h) * n + i) * hd, oh[h] = out + i * heads * hd + (h0 + h) * hd;
-            attend_heads(qh, keys + g * capacity * hd, values + g * capacity * hd, seen, count, hd, nh, scale, s,
-                         stride, oh);
-            free(seen), free(s);
+    long stride = (end + VEC - 1) / VEC * VEC, blocks = n < threads ? n : threads > 1 ? threads : 1;
+    long *seen = malloc(n * end * sizeof(long)), *count = malloc(n * sizeof(long)), shared = end;
+    for (long i = 0; i < n; i++) {  /* every row's visible keys, and how many leading keys all rows see */
+        long c = 0, lead = -1;
+        for (long j = 0; j < end; j++) {
+            if (!visible || visible[i * end + j])
+                seen[i * end + c++] = j;
+            else if (lead < 0)
+                lead = j;
         }
+        count[i] = c;
+        lead = lead < 0 ? end : lead;
+        shared = lead < shared ? lead : shared;
     }
+    shared -= shared % VEC;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && kv_heads * parts * blocks > 1)
+    for (long task = 0; task < kv_heads * parts * blocks; task++) {
+        long part = task / blocks, b = task % blocks, g = part / parts, h0 = g * group + part % parts * per;
+        long rest = (g + 1) * group - h0, nh = rest < per ? rest : per;
+        long r0 = b * n / blocks, nr = (b + 1) * n / blocks - r0;
+        query_t *rows = malloc(nr * sizeof(query_t));
+        float *s = malloc(nr * nh * stride * sizeof(float));
+        for (long i = 0; i < nr; i++) {
+            query_t *r = rows + i;
+            long row = r0 + i;
+            r->seen = seen + row * end, r->count = count[row], r->s = s + i * nh * stride;
+            for (long h = 0; h < nh; h++)
+                r->q[h] = q + ((h0 + h) * n + row) * hd, r->out[h] = out + row * heads * hd + (h0 + h) * hd;
+        }
+        attend_heads(rows, nr, shared, keys + g * capacity * hd, values + g * capacity * hd, hd, nh, scale, stride);
+        free(rows), free(s);
+    }
+    free(seen), free(count);
 }
 
 /* The MLP's middle: from the fused gate/up product's rows acc (n, 2 I), gate and up rescaled, then
@@ -587,6 +667,10 @@ void gemm_int8(const int8_t *a, long M, long K, const int8_t *packed, const int3
 
 /* ---- the whole int8 forward of a lean model in one call ---- */
 
+#ifndef SPLIT_ROWS
+#define SPLIT_ROWS 2 /* rows from which forward_rows splits its steps between products over the threads */
+#endif
+
 typedef struct {
     const int8_t *packed; /* gemm_pack's layout */
     const int32_t *corr;
@@ -638,7 +722,8 @@ void forward_rows(const layer_t *layers, long count, float *x, long n, long H, c
         for (int s = 0; s < 4; s++) widest = sizes[s] > widest ? sizes[s] : widest;
     }
     size_t sizes[] = {aligned(n * widest * sizeof(int32_t)), aligned(n * widest), aligned(n * sizeof(float)),
-                      aligned((widest + VEC) * sizeof(float)), aligned(heads * n * hd * sizeof(float))};
+                      aligned((widest + VEC) * sizeof(float)) * (threads > 1 ? threads : 1),
+                      aligned(heads * n * hd * sizeof(float))};
     size_t total = 0;
     for (int s = 0; s < 5; s++) total += sizes[s];
     char *base = scratch(total + aligned(n * heads * hd * sizeof(float)));
@@ -654,23 +739,49 @@ void forward_rows(const layer_t *layers, long count, float *x, long n, long H, c
         rms_quantize(x, layers[0].norm_in, layers[0].eps_in, n, H, h, q, scale);
     else  /* an EAGLE-1/2 head's layer reads its input without a norm */
         quantize_rows(x, n, H, q, scale);
+    long hstride = sizes[3] / (threads > 1 ? threads : 1) / sizeof(float);
+    /* The steps between products, row by row: with several rows each thread takes a run of them, with
+       its own scratch (a row's result does not depend on which thread computes it). */
+#ifdef _OPENMP
+#define ROW_SPLIT(step)                                                                                  \
+    if (threads > 1 && n >= SPLIT_ROWS) {                                                               \
+        _Pragma("omp parallel num_threads(threads)") {                                                   \
+            long T = omp_get_num_threads(), t = omp_get_thread_num(), i0 = n * t / T, r = n * (t + 1) / T - i0; \
+            float *hh = h + t * hstride;                                                                 \
+            (void)hh;                                                                                    \
+            step;                                                                                        \
+        }                                                                                                \
+    } else {                                                                                             \
+        long i0 = 0, r = n;                                                                              \
+        float *hh = h;                                                                                   \
+        (void)hh;                                                                                        \
+        step;                                                                                            \
+    }
+#else
+#define ROW_SPLIT(step) { long i0 = 0, r = n; float *hh = h; (void)hh, (void)hstride; step; }
+#endif
     for (long l = 0; l < count; l++) {
         const layer_t *w = layers + l;
         float *k = keys + l * layer_kv, *v = values + l * layer_kv;
+        long I = w->down.K;
         product(q, n, &w->qkv, acc, threads);
-        qkv_rotate_store(acc, w->qkv.wscale, scale, w->qkv.bias, cos, sin, n, heads, kv_heads, hd, qf, k, v,
-                         capacity, past, h);
+        ROW_SPLIT(qkv_rotate_span(acc, w->qkv.wscale, scale, w->qkv.bias, cos, sin, n, i0, i0 + r, heads, kv_heads,
+                                  hd, qf, k, v, capacity, past, hh))
         attention_rows(qf, k, v, capacity, end, n, heads, kv_heads, hd, visible, w->scaling, att, threads);
-        quantize_rows(att, n, heads * hd, q, scale);
+        ROW_SPLIT(quantize_rows(att + i0 * heads * hd, r, heads * hd, q + i0 * heads * hd, scale + i0))
         product(q, n, &w->o, acc, threads);
-        residual_rms_quantize(acc, w->o.wscale, scale, w->o.bias, x, w->norm_post, w->eps_post, n, H, h, q, scale);
+        ROW_SPLIT(residual_rms_quantize(acc + i0 * H, w->o.wscale, scale + i0, w->o.bias, x + i0 * H, w->norm_post,
+                                        w->eps_post, r, H, hh, q + i0 * H, scale + i0))
         product(q, n, &w->gate_up, acc, threads);
-        silu_mul_quantize(acc, w->gate_up.wscale, scale, w->gate_up.bias, n, w->down.K, h, q, scale);
+        ROW_SPLIT(silu_mul_quantize(acc + i0 * 2 * I, w->gate_up.wscale, scale + i0, w->gate_up.bias, r, I, hh,
+                                    q + i0 * I, scale + i0))
         product(q, n, &w->down, acc, threads);
         const layer_t *next = l + 1 < count ? w + 1 : NULL;
-        residual_rms_quantize(acc, w->down.wscale, scale, w->down.bias, x, next ? next->norm_in : NULL,
-                              next ? next->eps_in : 0.0f, n, H, h, q, scale);
+        ROW_SPLIT(residual_rms_quantize(acc + i0 * H, w->down.wscale, scale + i0, w->down.bias, x + i0 * H,
+                                        next ? next->norm_in : NULL, next ? next->eps_in : 0.0f, r, H, hh,
+                                        q + i0 * H, scale + i0))
     }
+#undef ROW_SPLIT
     if (final_norm)
         rms_norm_rows(x, final_norm, final_eps, n, H, out);
     else
