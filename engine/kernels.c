@@ -120,7 +120,6 @@ static inline float vmax_lanes(vec v) {
     return m;
 }
 
-
 /* Symmetric int8 quantization of one row, as engine/int8.py's quantize_rows:
    scale = max(max |h|, 1e-12) / 127, q = round-half-even(h / scale). */
 static void quantize_row(const float *h, long K, int8_t *q, float *scale) {
@@ -278,12 +277,11 @@ static inline vec exp_nonpositive(vec x) {
     return vmul(p, vpow2(n));
 }
 
-
 #define MAX_GROUP 4 /* query heads per task */
 
 /* One query row's share of a task: its query heads q[0 .. nh - 1] (which read one kv head), their outputs,
    the keys it sees (`seen`, count, in cache order), its scores `s` (nh rows of `stride` floats: count
-   rounded up to VEC) and each head's running maximum, lane by lane. */
+   rounded up to VEC), each head's running maximum, lane by lane, and its denominator. */
 typedef struct {
     const float *q[MAX_GROUP];
     float *out[MAX_GROUP];
@@ -291,6 +289,7 @@ typedef struct {
     long count;
     float *s;
     float tops[MAX_GROUP][VEC];
+    float total[MAX_GROUP];  /* each head's softmax denominator */
 } query_t;
 
 /* Scores of the keys at places t .. t + VEC - 1 of r's seen list, for its nh heads: out of the cache
@@ -366,7 +365,6 @@ static inline __attribute__((always_inline)) void attend(query_t *rows, long nr,
         for (long i = 0; i < nr; i++) score_block(rows + i, keys, t, 1, hd, nh, scale, stride);
     for (long i = 0; i < nr; i++)
         for (long t = shared; t < rows[i].count; t += VEC) score_block(rows + i, keys, t, 0, hd, nh, scale, stride);
-    float total[MAX_GROUP];
     for (long i = 0; i < nr; i++) {  /* exponentials, summed VEC at a time */
         query_t *r = rows + i;
         for (long h = 0; h < nh; h++) {
@@ -379,7 +377,7 @@ static inline __attribute__((always_inline)) void attend(query_t *rows, long nr,
                 sums = vadd(sums, e);
             }
             for (long c = 0; c < hd / VEC; c++) vstore(r->out[h] + c * VEC, vzero());
-            r->tops[h][0] = vsum(sums);  /* the row's denominator, kept where its maximum was */
+            r->total[h] = vsum(sums);
         }
     }
     for (long t = 0; t < shared; t += VALUE_SPAN) {
@@ -389,9 +387,8 @@ static inline __attribute__((always_inline)) void attend(query_t *rows, long nr,
     for (long i = 0; i < nr; i++) {
         query_t *r = rows + i;
         value_span(r, values, shared, r->count, 0, hd, nh, stride);
-        for (long h = 0; h < nh; h++) total[h] = r->tops[h][0];
         for (long h = 0; h < nh; h++)
-            for (long d = 0; d < hd; d++) r->out[h][d] = r->out[h][d] / total[h];
+            for (long d = 0; d < hd; d++) r->out[h][d] = r->out[h][d] / r->total[h];
     }
 }
 
