@@ -40,6 +40,7 @@ class RowsHead:
         self.heads, self.head_dim = attn.num_heads, attn.head_dim
         self.scaling = self.head_dim**-0.5  # scaled_dot_product_attention's default
         self.table = rows.layer_table([self])
+        self.fc_c = rows.linear(self.fc)
 
     @classmethod
     def applies(cls, head, lm_int8) -> bool:
@@ -52,6 +53,7 @@ class RowsHead:
         sizes = (head.fc, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj)
         return (
             head.fc.weight.device.type == "cpu" and head.fc.weight.dtype == torch.float32
+            and (head.embed_tokens is None or head.embed_tokens.weight.dtype == torch.float32)
             and head.config_dict.get("hidden_act", "silu") == "silu" and rows.attention_fits(layer.self_attn.head_dim)
             and rows.fits(sizes)
         )  # fmt: skip
@@ -86,6 +88,17 @@ class RowsHead:
             cache.used = used + b - a
         return out[0] if len(out) == 1 else torch.cat(out)
 
+    def step(self, embed, tokens, features, positions, slots, cache: DraftCache, lm, vocab, k: int):
+        """`run` and the top-k draft log-probs of every row in one C call (engine/kernels.c draft_rows):
+        embed (V, H) the embedding table, tokens (t,), features (t, H), positions (t,); slots (t, cache.used
+        - cache.length + t) uint8, which scratch entries each row sees, or None (committed pairs: causal).
+        lm (LinearC) None: no scores. Returns (hidden (t, H), scores (t, k) or None, ids (t, k) or None)."""
+        cos, sin = self.rotary.tables(features, int(positions.max()) + 1)
+        return self.rows.draft_rows(
+            self.table, self.fc_c, embed, tokens.contiguous(), features.float().contiguous(), cos, sin,
+            positions.contiguous(), self.heads, self.head_dim, cache, slots, lm, vocab, k, 0,
+        )  # fmt: skip
+
 
 class Drafter:
     def __init__(
@@ -110,8 +123,12 @@ class Drafter:
             self.lm_weight = scorer.weight if rows else scorer.weight[self.vocab_ids]  # (Vd, H)
         self.cache = head.new_cache(capacity)
         self.device = head.fc.weight.device
-        # An int8 target drafts through the head's int8 copy in the C kernels (`RowsHead`) where it can.
+        # An int8 target drafts through the head's int8 copy in the C kernels (`RowsHead`) where it can:
+        # a draft step (the head's layer, its scores, their top-k) is then one C call.
         self.rows_head = RowsHead.of(head) if RowsHead.applies(head, self.lm_int8) else None
+        if self.rows_head is not None:
+            self.lm_c = self.rows_head.rows.linear(self.lm_int8)
+            self.embed_table = self.embed.weight.detach().contiguous()  # (V, H) float32
         # Stop growing a tree once deeper nodes cannot make the cut (`_settled`): the tree is the same, the
         # skipped draft steps are saved. It costs a host read per depth: free on a CPU, not on a GPU, so by
         # default (`prune` None) it is on for a CPU only.
@@ -132,30 +149,38 @@ class Drafter:
 
     def _top(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k draft log-probs and their *target* token ids. (t, k) each"""
-        if self.rows_head is not None:  # one C pass instead of log_softmax and topk over the vocabulary
-            scores, idx = self.rows_head.rows.top_logsoftmax(self._logits(hidden), k)
-        else:
-            scores, idx = self._logprobs(hidden).topk(k, dim=-1)
+        if self.rows_head is not None:  # products, log-softmax and top-k in one C call
+            return self.rows_head.rows.draft_scores(hidden.float(), self.lm_c, self.vocab_ids, k)
+        scores, idx = self._logprobs(hidden).topk(k, dim=-1)
         return scores, (idx if self.vocab_ids is None else self.vocab_ids[idx])
 
-    def _run(self, tokens, features, positions, scratch_mask):
-        """Feed t (token, feature) pairs; scratch_mask (t, scratch slots incl. these) or None for causal."""
+    def _run(self, tokens, features, positions, scratch_mask, top_k: int = 0):
+        """Feed t (token, feature) pairs; scratch_mask (t, scratch slots incl. these) or None for causal.
+        Returns the head's output (t, H) and, with top_k, `_top(output, top_k)` (else None)."""
         L, t = self.cache.length, tokens.shape[0]
+        if self.rows_head is not None and t <= self.rows_head.rows.gemm_rows:  # one C call
+            slots = None if scratch_mask is None else scratch_mask.to(torch.uint8).contiguous()
+            lm = self.lm_c if top_k else None
+            h, scores, ids = self.rows_head.step(
+                self.embed_table, tokens, features, positions, slots, self.cache, lm, self.vocab_ids, top_k
+            )
+            return h, (scores, ids) if top_k else None
         if scratch_mask is None:  # committed pairs: causal over context + themselves
             new = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
             mask = torch.cat([torch.ones(t, self.cache.used, dtype=torch.bool, device=self.device), new], dim=1)
         else:
             mask = torch.cat([torch.ones(t, L, dtype=torch.bool, device=self.device), scratch_mask], dim=1)
         if self.rows_head is not None:
-            return self.rows_head.run(self.embed(tokens), features, positions, mask, self.cache)
-        h = self.head(
-            self.embed(tokens)[None].to(self.head.fc.weight.dtype),  # (1, t, H)
-            features[None],
-            positions[None],
-            mask[None, None],
-            self.cache,
-        )
-        return h[0]  # (t, H)
+            h = self.rows_head.run(self.embed(tokens), features, positions, mask, self.cache)
+        else:
+            h = self.head(
+                self.embed(tokens)[None].to(self.head.fc.weight.dtype),  # (1, t, H)
+                features[None],
+                positions[None],
+                mask[None, None],
+                self.cache,
+            )[0]  # (t, H)
+        return h, self._top(h, top_k) if top_k else None
 
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -163,15 +188,28 @@ class Drafter:
         self.cache.truncate(self.cache.length)
         start = self.cache.length
         positions = torch.arange(start, start + tokens.shape[0], device=self.device)
-        h = self._run(tokens, features, positions, None)
+        h, _ = self._run(tokens, features, positions, None)
         self.cache.commit()
         return h[-1]
 
     @torch.no_grad()
     def dynamic_tree(self, root_token: torch.Tensor, root_hidden: torch.Tensor, cfg: TreeConfig) -> Tree:
         """EAGLE-2: expand the top-k frontier by cumulative log-prob to `depth`, rerank all candidates."""
-        k, dev = cfg.top_k, self.device
         self.cache.truncate(self.cache.length)  # forget scratch from an earlier tree
+        if self.rows_head is None or cfg.top_k > self.rows_head.rows.gemm_rows:
+            return self._grow(root_token, root_hidden, cfg)
+        # The same steps in one C call: the head's levels, the frontier, the early stop and the rerank.
+        rows = self.rows_head
+        cos, sin = rows.rotary.tables(root_hidden, self.cache.length + cfg.depth)
+        tokens, parents, depths, scores, ancestors, paths = rows.rows.draft_tree(
+            rows.table, rows.fc_c, self.embed_table, cos, sin, rows.heads, rows.head_dim, self.cache, self.lm_c,
+            self.vocab_ids, root_hidden, int(root_token), cfg.total_tokens, cfg.depth, cfg.top_k, self.prune,
+        )  # fmt: skip
+        return Tree(tokens, parents, depths, scores, ancestors, paths)
+
+    def _grow(self, root_token: torch.Tensor, root_hidden: torch.Tensor, cfg: TreeConfig) -> Tree:
+        """`dynamic_tree` step by step in tensor ops, after the cache's scratch entries were dropped."""
+        k, dev = cfg.top_k, self.device
         L = self.cache.length  # root pair sits at position L - 1; a depth-d node is fed at L - 1 + d
         scores, tokens = (x[0] for x in self._top(root_hidden[None], k))  # (k,)
         pool_tokens, pool_scores = [tokens], [scores]
@@ -186,8 +224,7 @@ class Drafter:
             step = d - 2
             slots[rows, step * k + rows] = True  # each frontier node sees its own new slot
             positions = torch.full((k,), L - 2 + d, dtype=torch.long, device=dev)
-            h = self._run(tokens, feats, positions, slots[:, : (step + 1) * k])  # (k, H)
-            top_s, top_t = self._top(h, k)  # (k, k)
+            h, (top_s, top_t) = self._run(tokens, feats, positions, slots[:, : (step + 1) * k], k)  # (k, H), (k, k)
             cand = (scores[:, None] + top_s).flatten()  # (k*k,) cumulative
             pool_tokens.append(top_t.flatten())
             pool_scores.append(cand)
@@ -228,9 +265,8 @@ class Drafter:
             else:
                 fed = step["fed"]  # (f,)
                 positions = torch.full((fed.shape[0],), L - 2 + d, dtype=torch.long, device=dev)
-                h = self._run(tokens[fed], hidden[parents[fed]], positions, step["mask"])  # (f, H)
-                hidden[fed] = h
-                top_s, top_t = self._top(h, plan.top_k)  # (f, top_k)
+                h, (top_s, top_t) = self._run(tokens[fed], hidden[parents[fed]], positions, step["mask"], plan.top_k)
+                hidden[fed] = h  # (f, H); top_s, top_t (f, top_k)
             children, rows, ranks = step["children"], step["rows"], step["ranks"]
             tokens[children] = top_t[rows, ranks]
             scores[children] = scores[parents[children]] + top_s[rows, ranks]

@@ -845,3 +845,228 @@ void top_logsoftmax(const float *x, long n, long V, long k, float *values, int64
         for (long t = 0; t < kept; t++) val[t] -= lse;
     }
 }
+
+/* ---- drafting with an EAGLE-1/2 head ---- */
+
+#if GEMM_ISA > 0
+static __thread char *draft_space; /* the draft functions' own scratch: forward_rows uses `workspace` */
+static __thread size_t draft_bytes;
+
+static char *draft_scratch(size_t bytes) {
+    if (bytes > draft_bytes) {
+        free(draft_space);
+        draft_space = malloc(bytes);
+        draft_bytes = draft_space ? bytes : 0;
+    }
+    return draft_space;
+}
+#endif
+
+/* The k largest draft log-probs of each of m rows of hidden (m, H) over lm's rows (a draft vocabulary),
+   as engine/draft.py's per-call path computes them (int8 products, log-softmax, top-k): scores and ids
+   (m, k), largest first, ids mapped through vocab (NULL: the row index). */
+void draft_scores(const float *hidden, long m, long H, const linear_t *lm, const int64_t *vocab, long k,
+                  float *scores, int64_t *ids, int threads) {
+#if GEMM_ISA > 0
+    long V = lm->N;
+    size_t sizes[] = {aligned(m * H), aligned(m * sizeof(float)), aligned(m * V * sizeof(int32_t))};
+    char *base = draft_scratch(sizes[0] + sizes[1] + sizes[2] + aligned(m * V * sizeof(float)));
+    if (!base) return;
+    int8_t *q = (int8_t *)base;
+    float *scale = (float *)(base += sizes[0]);
+    int32_t *acc = (int32_t *)(base += sizes[1]);
+    float *logits = (float *)(base + sizes[2]);
+    quantize_rows(hidden, m, H, q, scale);
+    product(q, m, lm, acc, threads);
+    rescale_rows(acc, lm->wscale, scale, lm->bias, m, V, logits);
+    top_logsoftmax(logits, m, V, k, scores, ids);
+    if (vocab)
+        for (long t = 0; t < m * k; t++) ids[t] = vocab[ids[t]];
+#else
+    (void)hidden, (void)m, (void)H, (void)lm, (void)vocab, (void)k, (void)scores, (void)ids, (void)threads;
+#endif
+}
+
+/* One step of an EAGLE-1/2 head over n rows in one call, as engine/draft.py's per-call path computes it:
+   x = fc([embed[tokens], features]) with int8 products, then the head's layer (forward_rows without an
+   input norm), writing keys and values at past .. past + n; hidden (n, H) is its output. Rows see every
+   cache entry before `committed`, and entries committed .. past + n as `slots` says ((n, past + n -
+   committed) uint8, row-major) or, with slots NULL, causally (entry j for j <= past + i). cos_table and
+   sin_table hold the rotary angles of every position (hd wide). Where lm is not NULL, draft_scores then
+   scores rows score_from .. n - 1 into scores and ids (n - score_from, k). */
+void draft_rows(const layer_t *layer, const linear_t *fc, const float *embed, const int64_t *tokens,
+                const float *features, long n, long H, const float *cos_table, const float *sin_table,
+                const int64_t *positions, long heads, long kv_heads, long hd, float *keys, float *values,
+                long capacity, long committed, long past, const uint8_t *slots, const linear_t *lm,
+                const int64_t *vocab, long score_from, long k, float *hidden, float *scores, int64_t *ids,
+                int threads) {
+#if GEMM_ISA > 0
+    long end = past + n;
+    size_t sizes[] = {aligned(n * 2 * H * sizeof(float)), aligned(n * 2 * H), aligned(n * sizeof(float)),
+                      aligned(n * H * sizeof(int32_t)), aligned(n * H * sizeof(float)),
+                      aligned(n * hd * sizeof(float)), aligned(n * hd * sizeof(float))};
+    size_t total = aligned(n * end);
+    for (int s = 0; s < 7; s++) total += sizes[s];
+    char *base = draft_scratch(total);
+    if (!base) return;
+    float *in = (float *)base;
+    int8_t *q = (int8_t *)(base += sizes[0]);
+    float *scale = (float *)(base += sizes[1]);
+    int32_t *acc = (int32_t *)(base += sizes[2]);
+    float *x = (float *)(base += sizes[3]);
+    float *cos = (float *)(base += sizes[4]);
+    float *sin = (float *)(base += sizes[5]);
+    uint8_t *visible = (uint8_t *)(base + sizes[6]);
+    for (long i = 0; i < n; i++) {
+        memcpy(in + i * 2 * H, embed + tokens[i] * H, H * sizeof(float));
+        memcpy(in + i * 2 * H + H, features + i * H, H * sizeof(float));
+        memcpy(cos + i * hd, cos_table + positions[i] * hd, hd * sizeof(float));
+        memcpy(sin + i * hd, sin_table + positions[i] * hd, hd * sizeof(float));
+        uint8_t *row = visible + i * end;
+        memset(row, 1, committed);
+        for (long j = committed; j < end; j++)
+            row[j] = slots ? slots[i * (end - committed) + j - committed] : (uint8_t)(j <= past + i);
+    }
+    quantize_rows(in, n, 2 * H, q, scale);
+    product(q, n, fc, acc, threads);
+    rescale_rows(acc, fc->wscale, scale, fc->bias, n, H, x);
+    forward_rows(layer, 1, x, n, H, cos, sin, heads, kv_heads, hd, keys, values, capacity, past, visible, NULL,
+                 0.0f, hidden, threads);
+    if (lm && score_from < n)
+        draft_scores(hidden + score_from * H, n - score_from, H, lm, vocab, k, scores, ids, threads);
+#else
+    (void)layer, (void)fc, (void)embed, (void)tokens, (void)features, (void)n, (void)H, (void)cos_table;
+    (void)sin_table, (void)positions, (void)heads, (void)kv_heads, (void)hd, (void)keys, (void)values;
+    (void)capacity, (void)committed, (void)past, (void)slots, (void)lm, (void)vocab, (void)score_from, (void)k;
+    (void)hidden, (void)scores, (void)ids, (void)threads;
+#endif
+}
+
+/* ---- an EAGLE-2 draft tree in one call ---- */
+
+/* Whether pool entry a ranks before entry b in the rerank: the higher score, then the earlier entry
+   (a stable sort by descending score). */
+static inline int ranks_before(const float *score, long a, long b) {
+    return score[a] > score[b] || (score[a] == score[b] && a < b);
+}
+
+/* The `keep` best entries of a pool of m (ranks_before), into best[0 .. keep - 1] in rank order. */
+static void best_entries(const float *score, long m, long keep, long *best) {
+    long kept = 0;
+    for (long i = 0; i < m; i++) {
+        if (kept == keep && !ranks_before(score, i, best[keep - 1])) continue;
+        long at = kept < keep ? kept++ : keep - 1;
+        while (at > 0 && ranks_before(score, i, best[at - 1])) best[at] = best[at - 1], at--;
+        best[at] = i;
+    }
+}
+
+/* What engine/draft.py's Drafter.dynamic_tree and engine/tree.py's select_dynamic compute with the
+   head's int8 copy, in one call: EAGLE-2's expansion of the top-k frontier by cumulative draft log-prob
+   to `depth` (each level one draft_rows over the frontier, its scratch entries after the draft cache's
+   `committed` entries, which must equal its used ones), with the exact early stop when `prune` (no
+   frontier node beats the pool's `total`-th best score), then the rerank keeping the `total` best. The
+   root's hidden state is root_hidden (H,), its token root_token. Writes the tree's nodes (root first,
+   then the kept candidates in pool order: topological) into tokens, parents, depths, scores (each room
+   for total + 1), ancestors ((n, n) uint8: [i][j] j is i or an ancestor of i) and paths ((n, depth + 1):
+   row i the nodes from the root to i by depth, -1 after i); returns n. The draft cache's scratch entries
+   stay written (the next extend drops them): *written is how many, (levels run) * k. */
+long draft_tree(const layer_t *layer, const linear_t *fc, const float *embed, long H, const float *cos_table,
+                const float *sin_table, long heads, long kv_heads, long hd, float *keys, float *values,
+                long capacity, long committed, const linear_t *lm, const int64_t *vocab, const float *root_hidden,
+                int64_t root_token, long total, long depth, long k, int prune, int64_t *tokens, int64_t *parents,
+                int64_t *depths, float *scores, uint8_t *ancestors, int64_t *paths, long *written, int threads) {
+#if GEMM_ISA > 0
+    long m_max = k + (depth - 1) * k * k, cols = (depth - 1) * k > 1 ? (depth - 1) * k : 1;
+    long pool_bytes = m_max * (sizeof(int64_t) * 3 + sizeof(float));
+    long level_bytes = k * H * sizeof(float) * 2 + k * k * (sizeof(float) + sizeof(int64_t)) + k * cols * 2;
+    char *space = malloc(pool_bytes + level_bytes + (m_max + 1) * sizeof(long) * 2 + k * sizeof(int64_t) * 3);
+    if (!space) return 0;
+    int64_t *pool_tok = (int64_t *)space, *pool_par = pool_tok + m_max, *pool_dep = pool_par + m_max;
+    float *pool_score = (float *)(pool_dep + m_max);
+    float *feats = pool_score + m_max, *hidden = feats + k * H, *top_s = hidden + k * H;
+    int64_t *top_t = (int64_t *)(top_s + k * k);
+    uint8_t *slots = (uint8_t *)(top_t + k * k), *next_slots = slots + k * cols;
+    long *order = (long *)(next_slots + k * cols), *remap = order + m_max + 1;
+    int64_t *front = (int64_t *)(remap + m_max + 1), *front_tok = front + k, *positions = front_tok + k;
+    float front_score[k];
+
+    *written = 0;
+    /* depth 1: the root's top k */
+    draft_scores(root_hidden, 1, H, lm, vocab, k, top_s, top_t, threads);
+    long m = 0;
+    for (long j = 0; j < k; j++, m++) {
+        pool_tok[m] = top_t[j], pool_score[m] = top_s[j], pool_par[m] = -1, pool_dep[m] = 1;
+        front[j] = m, front_tok[j] = top_t[j], front_score[j] = top_s[j];
+        memcpy(feats + j * H, root_hidden, H * sizeof(float));
+    }
+    memset(slots, 0, k * cols);
+    for (long d = 2; d <= depth; d++) {
+        long step = d - 2, width = (step + 1) * k;
+        for (long r = 0; r < k; r++) slots[r * cols + step * k + r] = 1; /* each frontier node sees itself */
+        uint8_t visible[k * width];
+        for (long r = 0; r < k; r++) memcpy(visible + r * width, slots + r * cols, width);
+        for (long r = 0; r < k; r++) positions[r] = committed - 2 + d;
+        draft_rows(layer, fc, embed, front_tok, feats, k, H, cos_table, sin_table, positions, heads, kv_heads, hd,
+                   keys, values, capacity, committed, committed + step * k, visible, lm, vocab, 0, k, hidden, top_s,
+                   top_t, threads);
+        float *cand = pool_score + m;
+        for (long r = 0; r < k; r++)
+            for (long j = 0; j < k; j++) {
+                long c = r * k + j;
+                pool_tok[m + c] = top_t[c], pool_par[m + c] = front[r], pool_dep[m + c] = d;
+                cand[c] = front_score[r] + top_s[c];
+            }
+        long best[k];
+        best_entries(cand, k * k, k, best);
+        for (long r = 0; r < k; r++) {
+            long row = best[r] / k;
+            front[r] = m + best[r], front_tok[r] = top_t[best[r]], front_score[r] = cand[best[r]];
+            memcpy(feats + r * H, hidden + row * H, H * sizeof(float));
+            memcpy(next_slots + r * cols, slots + row * cols, cols);
+        }
+        memcpy(slots, next_slots, k * cols);
+        m += k * k;
+        *written = (step + 1) * k;
+        if (prune && d < depth && m >= total) { /* settled: no frontier node beats the total-th best */
+            best_entries(pool_score, m, total, order);
+            float top = front_score[0];
+            for (long r = 1; r < k; r++) top = front_score[r] > top ? front_score[r] : top;
+            if (top <= pool_score[order[total - 1]]) break;
+        }
+    }
+    /* the rerank: the `total` best entries, back in pool order */
+    long keep = total < m ? total : m;
+    best_entries(pool_score, m, keep, order);
+    for (long i = 1; i < keep; i++) { /* ascending pool index */
+        long v = order[i], at = i;
+        while (at > 0 && order[at - 1] > v) order[at] = order[at - 1], at--;
+        order[at] = v;
+    }
+    for (long i = 0; i < m; i++) remap[i] = -1;
+    for (long i = 0; i < keep; i++) remap[order[i]] = i + 1;
+    long n = keep + 1;
+    tokens[0] = root_token, parents[0] = -1, depths[0] = 0, scores[0] = 0.0f;
+    for (long i = 0; i < keep; i++) {
+        long e = order[i];
+        tokens[i + 1] = pool_tok[e], depths[i + 1] = pool_dep[e], scores[i + 1] = pool_score[e];
+        parents[i + 1] = pool_par[e] < 0 ? 0 : remap[pool_par[e]];
+    }
+    memset(ancestors, 0, n * n);
+    for (long i = 0; i < n * (depth + 1); i++) paths[i] = -1;
+    for (long i = 0; i < n; i++)
+        for (long j = i; j >= 0; j = parents[j]) {
+            ancestors[i * n + j] = 1;
+            paths[i * (depth + 1) + depths[j]] = j;
+            if (j == 0) break;
+        }
+    free(space);
+    return n;
+#else
+    (void)layer, (void)fc, (void)embed, (void)H, (void)cos_table, (void)sin_table, (void)heads, (void)kv_heads;
+    (void)hd, (void)keys, (void)values, (void)capacity, (void)committed, (void)lm, (void)vocab, (void)root_hidden;
+    (void)root_token, (void)total, (void)depth, (void)k, (void)prune, (void)tokens, (void)parents, (void)depths;
+    (void)scores, (void)ancestors, (void)paths, (void)written, (void)threads;
+    return 0;
+#endif
+}

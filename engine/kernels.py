@@ -39,6 +39,9 @@ SIGNATURES = {
     "forward_rows": (P, L, P, L, L, P, P, L, L, L, P, P, L, L, P, P, F, P, N),
     "argmax_rows": (P, L, L, P),
     "top_logsoftmax": (P, L, L, L, P, P),
+    "draft_scores": (P, L, L, P, P, L, P, P, N),
+    "draft_rows": (P, P, P, P, P, L, L, P, P, P, L, L, L, P, P, L, L, L, P, P, P, L, L, P, P, P, N),
+    "draft_tree": (P, P, P, L, P, P, L, L, L, P, P, L, L, P, P, P, ctypes.c_int64, L, L, L, N, P, P, P, P, P, P, P, N),
 }
 
 _loaded: dict[str, object] = {}  # "lib": the CDLL or None, "status": why, "id": the built library's key
@@ -92,6 +95,7 @@ def load_kernels():
             for name, args in SIGNATURES.items():
                 getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
             lib.gemm_isa.restype, lib.gemm_lanes.restype = ctypes.c_int, ctypes.c_long
+            lib.draft_tree.restype = ctypes.c_long
             lib.attention_fits.argtypes, lib.attention_fits.restype = (L,), ctypes.c_int
             products = GEMM_NAMES.get(lib.gemm_isa(), "torch._int_mm")
             status = f"C kernels ({Path(compiler).name} -march=native; int8 products: {products})"
@@ -244,16 +248,20 @@ class RowKernels:
                                    scratch.data_ptr(), q.data_ptr(), scale.data_ptr())  # fmt: skip
         return q, scale
 
+    def linear(self, layer) -> LinearC:
+        """The C description of an int8 layer (engine/kernels.c linear_t); it points into the layer's
+        tensors, so keep it no longer than the layer."""
+        packed = self.packed(layer)
+        return LinearC(packed.data.data_ptr(), packed.corr.data_ptr(), layer.wscale.data_ptr(), _ptr(layer.bias),
+                       packed.out_features, packed.in_features)  # fmt: skip
+
     def layer_table(self, layers) -> ctypes.Array:
         """The C description of lean layers (engine/lean.py LeanLayer) for `forward`; it points into the
         layers' tensors, so keep it no longer than them."""
         table = (LayerC * len(layers))()
         for entry, layer in zip(table, layers):
             for name in ("qkv", "o", "gate_up", "down"):
-                linear = getattr(layer, name)
-                packed = self.packed(linear)
-                setattr(entry, name, LinearC(packed.data.data_ptr(), packed.corr.data_ptr(), linear.wscale.data_ptr(),
-                                             _ptr(linear.bias), packed.out_features, packed.in_features))  # fmt: skip
+                setattr(entry, name, self.linear(getattr(layer, name)))
             if layer.norm_in is not None:  # None: the input is read without a norm (a draft head's layer)
                 entry.norm_in, entry.eps_in = layer.norm_in.weight.data_ptr(), layer.norm_in.variance_epsilon
             entry.norm_post, entry.eps_post = layer.norm_post.weight.data_ptr(), layer.norm_post.variance_epsilon
@@ -273,6 +281,64 @@ class RowKernels:
             out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return out
+
+    def draft_rows(self, table, fc, embed, tokens, features, cos, sin, positions, heads, head_dim, cache, slots,
+                   lm, vocab, k: int, score_from: int):  # fmt: skip
+        """One step of an EAGLE-1/2 head in one call (engine/kernels.c draft_rows): the head's layer
+        `table` over n pairs (tokens (n,), features (n, H)) at `positions` (n,) after the draft cache's
+        `used` entries, which it advances by n; slots (n, used - length + n) uint8 or None (causal). With
+        lm (LinearC), also the top-k draft log-probs of rows score_from .. n - 1 and their ids (mapped
+        through vocab, an int64 tensor or None). Returns (hidden (n, H), scores, ids) (None, None without
+        lm)."""
+        n, hidden_size = features.shape
+        if cache.used + n > cache.capacity:
+            raise RuntimeError(f"draft cache full ({cache.used} + {n} > {cache.capacity})")
+        hidden = torch.empty(n, hidden_size)
+        m = n - score_from if lm is not None else 0
+        scores, ids = torch.empty(m, k), torch.empty(m, k, dtype=torch.int64)
+        self.lib.draft_rows(
+            table, ctypes.addressof(fc), embed.data_ptr(), tokens.data_ptr(), features.data_ptr(), n, hidden_size,
+            cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), heads, cache.keys.shape[1], head_dim,
+            cache.keys.data_ptr(), cache.values.data_ptr(), cache.capacity, cache.length, cache.used, _ptr(slots),
+            None if lm is None else ctypes.addressof(lm), _ptr(vocab), score_from, k, hidden.data_ptr(),
+            scores.data_ptr(), ids.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        cache.used += n
+        return (hidden, scores, ids) if lm is not None else (hidden, None, None)
+
+    def draft_scores(self, hidden: torch.Tensor, lm, vocab, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k draft log-probs of hidden rows (m, H) over lm's rows (LinearC), and their ids mapped
+        through vocab (None: the row index): (m, k) each (engine/kernels.c draft_scores)."""
+        m, hidden_size = hidden.shape
+        scores, ids = torch.empty(m, k), torch.empty(m, k, dtype=torch.int64)
+        self.lib.draft_scores(hidden.contiguous().data_ptr(), m, hidden_size, ctypes.addressof(lm), _ptr(vocab), k,
+                              scores.data_ptr(), ids.data_ptr(), torch.get_num_threads())  # fmt: skip
+        return scores, ids
+
+    def draft_tree(self, table, fc, embed, cos, sin, heads, head_dim, cache, lm, vocab, root_hidden, root_token: int,
+                   total: int, depth: int, k: int, prune: bool):  # fmt: skip
+        """An EAGLE-2 tree grown and reranked in one call (engine/kernels.c draft_tree) after the draft
+        cache's committed entries; its scratch entries advance `cache.used`. Returns (tokens, parents,
+        depths, scores, ancestors, paths) of its n nodes, as engine/tree.py's `Tree` holds them."""
+        hidden_size = root_hidden.shape[-1]
+        if cache.used != cache.length or cache.length + (depth - 1) * k > cache.capacity:
+            raise RuntimeError(f"draft cache full ({cache.length} + {(depth - 1) * k} > {cache.capacity})")
+        size = min(total, k + (depth - 1) * k * k) + 1
+        tokens, parents, depths = (torch.empty(size, dtype=torch.int64) for _ in range(3))
+        scores, ancestors = torch.empty(size), torch.empty(size * size, dtype=torch.uint8)
+        paths, written = torch.empty(size * (depth + 1), dtype=torch.int64), ctypes.c_long(0)
+        n = self.lib.draft_tree(
+            table, ctypes.addressof(fc), embed.data_ptr(), hidden_size, cos.data_ptr(), sin.data_ptr(), heads,
+            cache.keys.shape[1], head_dim, cache.keys.data_ptr(), cache.values.data_ptr(), cache.capacity,
+            cache.length, ctypes.addressof(lm), _ptr(vocab), root_hidden.float().contiguous().data_ptr(), root_token,
+            total, depth, k, int(prune), tokens.data_ptr(), parents.data_ptr(), depths.data_ptr(), scores.data_ptr(),
+            ancestors.data_ptr(), paths.data_ptr(), ctypes.byref(written), torch.get_num_threads(),
+        )  # fmt: skip
+        cache.used += written.value
+        return (
+            tokens[:n], parents[:n], depths[:n], scores[:n], ancestors[: n * n].view(n, n).view(torch.bool),
+            paths[: n * (depth + 1)].view(n, depth + 1),
+        )  # fmt: skip
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """x.argmax(-1) of float32 rows (n, V): the first index of each row's largest value. (n,)"""

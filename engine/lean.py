@@ -94,12 +94,16 @@ class RotaryTable:
         if not self.fixed or positions.device.type != "cpu":
             cos, sin = self.rotary(x, positions[None])
             return cos[0], sin[0]
-        need = int(positions.max()) + 1
+        cos, sin = self.tables(x, int(positions.max()) + 1)
+        return cos[positions], sin[positions]
+
+    def tables(self, x: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (at least `need`, head_dim) in x's dtype, row p for position p (fixed types, CPU)."""
         if self.cos is None or need > self.cos.shape[0] or self.cos.dtype != x.dtype:
             size = max(need, 512, 2 * self.cos.shape[0] if self.cos is not None else 0)
             cos, sin = self.rotary(x[:1], torch.arange(size, device=x.device)[None])
-            self.cos, self.sin = cos[0], sin[0]
-        return self.cos[positions], self.sin[positions]
+            self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        return self.cos, self.sin
 
 
 def _fuse(linears: list[nn.Module]) -> nn.Module:

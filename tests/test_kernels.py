@@ -247,10 +247,49 @@ def test_an_int8_target_drafts_through_the_heads_int8_copy(rows):
         tokens, features = torch.randint(1, 64, (12,)), torch.randn(12, model.config.hidden_size)
         hidden = drafter.extend(tokens, features)
         scratch = torch.tensor([[True, False], [False, True]])  # two siblings, each sees itself
-        level = drafter._run(tokens[:2], features[:2], torch.tensor([12, 12]), scratch)
+        level, _ = drafter._run(tokens[:2], features[:2], torch.tensor([12, 12]), scratch)
         outputs.append((hidden, level, drafter.cache.keys[:, :, :14].clone()))
     for got, want in zip(*outputs):  # int8 rounding: about 1% of the norm here
         assert (got - want).norm() < 0.03 * want.norm()
+
+
+def test_a_draft_step_in_one_call_matches_the_step_by_step_path(rows):
+    """`RowsHead.step` (engine/kernels.c draft_rows, draft_scores: embedding rows, fc, the head's layer,
+    scores over a draft vocabulary, top-k) gives the per-call path's hidden rows, cache entries, scores
+    and token ids bit for bit: over committed pairs (causal) and over a draft level's scratch entries."""
+    from engine.draft import Drafter, RowsHead
+    from tests.tiny import random_head
+
+    model = tiny_model("llama", layers=1, seed=8)
+    head = random_head(model, seed=8)
+    head.draft_vocab = torch.tensor([1, 3, 4, 9, 17, 20, 31, 40, 41, 50, 63])  # target ids of the draft rows
+    quantize_int8(model)
+    embed = model.get_input_embeddings()
+    torch.manual_seed(1)
+    tokens, features = torch.randint(1, 64, (9,)), torch.randn(9, model.config.hidden_size)
+    scratch = torch.tensor([[True, False, False], [False, True, False], [False, False, True]])
+    results = []
+    for one_call in (True, False):
+        drafter = Drafter(head, embed, model.lm_head, 32)
+        rows_head = drafter.rows_head
+        assert isinstance(rows_head, RowsHead)
+        if one_call:
+            root, _ = drafter._run(tokens[:6], features[:6], torch.arange(6), None)
+            drafter.cache.commit()
+            level, (scores, ids) = drafter._run(tokens[6:], features[6:], torch.full((3,), 6), scratch, 4)
+        else:  # the same steps call by call: RowsHead.run, then the int8 lm_head, log-softmax and top-k
+            causal = torch.ones(6, 6, dtype=torch.bool).tril()
+            root = rows_head.run(embed(tokens[:6]), features[:6], torch.arange(6), causal, drafter.cache)
+            drafter.cache.commit()
+            mask = torch.cat([torch.ones(3, 6, dtype=torch.bool), scratch], dim=1)
+            level = rows_head.run(embed(tokens[6:]), features[6:], torch.full((3,), 6), mask, drafter.cache)
+            scores, idx = rows.top_logsoftmax(drafter.lm_int8(level), 4)
+            ids = drafter.vocab_ids[idx]
+        results.append((root, level, scores, ids, drafter.cache.keys[:, :, :9].clone()))
+        assert drafter.cache.used == 9
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    assert set(results[0][3].flatten().tolist()) <= set(head.draft_vocab.tolist())
 
 
 def test_token_choice_kernels_match_torch(rows):
@@ -266,3 +305,40 @@ def test_token_choice_kernels_match_torch(rows):
         assert torch.equal(idx[1:], want_idx[1:])  # row 0's tie may come in either order from torch
         assert set(idx[0].tolist()) == set(want_idx[0].tolist())
         torch.testing.assert_close(values, want_values, atol=2e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "total,depth,k,prune", [(4, 3, 4, True), (10, 4, 3, True), (10, 4, 3, False), (30, 5, 4, True), (3, 6, 2, True)]
+)
+def test_a_dynamic_tree_in_one_call_is_the_step_by_step_tree(rows, total, depth, k, prune):
+    """`Drafter.dynamic_tree` through engine/kernels.c draft_tree (levels, frontier, early stop and rerank
+    in one call) builds the tree `_grow` builds step by step in tensor ops: the same nodes, parents,
+    depths, scores, masks and paths, and the same scratch entries in the draft cache."""
+    from engine.config import TreeConfig
+    from engine.draft import Drafter
+    from tests.tiny import random_head
+
+    model = tiny_model("llama", layers=1, seed=9)
+    head = random_head(model, seed=9)
+    head.draft_vocab = torch.arange(1, 64, 2)  # a draft vocabulary of 32 odd ids
+    quantize_int8(model)
+    cfg = TreeConfig(total_tokens=total, depth=depth, top_k=k)
+    torch.manual_seed(2)
+    tokens, features = torch.randint(1, 64, (10,)), torch.randn(10, model.config.hidden_size) * 3
+    built = []
+    for one_call in (True, False):
+        drafter = Drafter(head, model.get_input_embeddings(), model.lm_head, 64, prune=prune)
+        root_hidden = drafter.extend(tokens, features)
+        if one_call:
+            tree = drafter.dynamic_tree(tokens[-1], root_hidden, cfg)
+        else:
+            drafter.cache.truncate(drafter.cache.length)
+            tree = drafter._grow(tokens[-1], root_hidden, cfg)
+        used = drafter.cache.used
+        built.append((tree, used, drafter.cache.keys[:, :, :used].clone()))
+    (got, got_used, got_keys), (want, want_used, want_keys) = built
+    for name in ("tokens", "parents", "depths", "scores", "ancestors", "paths"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got_used == want_used and torch.equal(got_keys, want_keys)
+    assert got.size == min(total, k + (depth - 1) * k * k) + 1
+    assert set(got.tokens[1:].tolist()) <= set(head.draft_vocab.tolist())

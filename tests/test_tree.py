@@ -39,13 +39,14 @@ class FakeDrafter(Drafter):
 
         self.cache = Cache()
 
-    def _run(self, tokens, features, positions, scratch_mask):
+    def _run(self, tokens, features, positions, scratch_mask, top_k=0):
         self.runs += 1
         ids = []
         for tok, parent in zip(tokens.tolist(), features[:, 0].long().tolist()):
             self.paths.append(self.paths[parent] + (tok,))
             ids.append(len(self.paths) - 1)
-        return torch.tensor(ids, dtype=torch.float32)[:, None].expand(-1, 2).clone()
+        hidden = torch.tensor(ids, dtype=torch.float32)[:, None].expand(-1, 2).clone()
+        return hidden, self._top(hidden, top_k) if top_k else None
 
     def _logprobs(self, hidden):
         return torch.stack([path_logp(self.paths[int(i)]) for i in hidden[:, 0]])
