@@ -129,6 +129,8 @@ class Drafter:
         if self.rows_head is not None:
             self.lm_c = self.rows_head.rows.linear(self.lm_int8)
             self.embed_table = self.embed.weight.detach().contiguous()  # (V, H) float32
+            if self.vocab_ids is not None:  # the C calls read it as int64 in memory order
+                self.vocab_ids = self.vocab_ids.long().contiguous()
         # Stop growing a tree once deeper nodes cannot make the cut (`_settled`): the tree is the same, the
         # skipped draft steps are saved. It costs a host read per depth: free on a CPU, not on a GPU, so by
         # default (`prune` None) it is on for a CPU only.

@@ -1070,3 +1070,25 @@ long draft_tree(const layer_t *layer, const linear_t *fc, const float *embed, lo
     return 0;
 #endif
 }
+
+/* ---- acceptance ---- */
+
+/* engine/verify.py accept over a tree of n nodes in topological order (parents[i] < i, parents[0] = -1):
+   the first node of the largest depth whose root path matches the target's draws (node i matches when
+   tokens[i] == drawn[parents[i]]; the root always does). Other nodes without a parent (padding, depth 0)
+   never beat the root. */
+long accept_path(const int64_t *tokens, const int64_t *parents, const int64_t *depths, const int64_t *drawn,
+                 long n) {
+    uint8_t ok[n];
+    long best = 0;
+    ok[0] = 1;
+    for (long i = 1; i < n; i++) {
+        if (parents[i] < 0) {
+            ok[i] = 0;
+            continue;
+        }
+        ok[i] = ok[parents[i]] && tokens[i] == drawn[parents[i]];
+        if (ok[i] && depths[i] > depths[best]) best = i;
+    }
+    return best;
+}

@@ -41,6 +41,7 @@ SIGNATURES = {
     "top_logsoftmax": (P, L, L, L, P, P),
     "draft_scores": (P, L, L, P, P, L, P, P, N),
     "draft_rows": (P, P, P, P, P, L, L, P, P, P, L, L, L, P, P, L, L, L, P, P, P, L, L, P, P, P, N),
+    "accept_path": (P, P, P, P, L),
     "draft_tree": (P, P, P, L, P, P, L, L, L, P, P, L, L, P, P, P, ctypes.c_int64, L, L, L, N, P, P, P, P, P, P, P, N),
 }
 
@@ -95,7 +96,7 @@ def load_kernels():
             for name, args in SIGNATURES.items():
                 getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
             lib.gemm_isa.restype, lib.gemm_lanes.restype = ctypes.c_int, ctypes.c_long
-            lib.draft_tree.restype = ctypes.c_long
+            lib.draft_tree.restype = lib.accept_path.restype = ctypes.c_long
             lib.attention_fits.argtypes, lib.attention_fits.restype = (L,), ctypes.c_int
             products = GEMM_NAMES.get(lib.gemm_isa(), "torch._int_mm")
             status = f"C kernels ({Path(compiler).name} -march=native; int8 products: {products})"
@@ -311,7 +312,8 @@ class RowKernels:
         through vocab (None: the row index): (m, k) each (engine/kernels.c draft_scores)."""
         m, hidden_size = hidden.shape
         scores, ids = torch.empty(m, k), torch.empty(m, k, dtype=torch.int64)
-        self.lib.draft_scores(hidden.contiguous().data_ptr(), m, hidden_size, ctypes.addressof(lm), _ptr(vocab), k,
+        hidden = hidden.contiguous()
+        self.lib.draft_scores(hidden.data_ptr(), m, hidden_size, ctypes.addressof(lm), _ptr(vocab), k,
                               scores.data_ptr(), ids.data_ptr(), torch.get_num_threads())  # fmt: skip
         return scores, ids
 
@@ -327,10 +329,11 @@ class RowKernels:
         tokens, parents, depths = (torch.empty(size, dtype=torch.int64) for _ in range(3))
         scores, ancestors = torch.empty(size), torch.empty(size * size, dtype=torch.uint8)
         paths, written = torch.empty(size * (depth + 1), dtype=torch.int64), ctypes.c_long(0)
+        root_hidden = root_hidden.float().contiguous()
         n = self.lib.draft_tree(
             table, ctypes.addressof(fc), embed.data_ptr(), hidden_size, cos.data_ptr(), sin.data_ptr(), heads,
             cache.keys.shape[1], head_dim, cache.keys.data_ptr(), cache.values.data_ptr(), cache.capacity,
-            cache.length, ctypes.addressof(lm), _ptr(vocab), root_hidden.float().contiguous().data_ptr(), root_token,
+            cache.length, ctypes.addressof(lm), _ptr(vocab), root_hidden.data_ptr(), root_token,
             total, depth, k, int(prune), tokens.data_ptr(), parents.data_ptr(), depths.data_ptr(), scores.data_ptr(),
             ancestors.data_ptr(), paths.data_ptr(), ctypes.byref(written), torch.get_num_threads(),
         )  # fmt: skip
@@ -339,6 +342,11 @@ class RowKernels:
             tokens[:n], parents[:n], depths[:n], scores[:n], ancestors[: n * n].view(n, n).view(torch.bool),
             paths[: n * (depth + 1)].view(n, depth + 1),
         )  # fmt: skip
+
+    def accept(self, tokens, parents, depths, drawn) -> int:
+        """engine/verify.py `accept` over int64 tensors (n,) on the CPU (engine/kernels.c accept_path)."""
+        held = [t.contiguous() for t in (tokens, parents, depths, drawn)]  # alive through the call
+        return self.lib.accept_path(*(t.data_ptr() for t in held), tokens.shape[0])
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """x.argmax(-1) of float32 rows (n, V): the first index of each row's largest value. (n,)"""

@@ -159,7 +159,18 @@ def draw_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch
 
 
 def accept(tree: Tree, drawn: torch.Tensor) -> torch.Tensor:
-    """Index () of the deepest node whose whole root path matches the target's draws."""
+    """Index () of the deepest node whose whole root path matches the target's draws (the first of them
+    where several are deepest)."""
+    if tree.size == 1:  # a lone root: a plain decoding step
+        return tree.depths[0]
+    rows = row_kernels() if drawn.device.type == "cpu" and drawn.dtype == torch.int64 else None
+    if rows is not None:  # one C call for what `accept_tensors` computes (a CPU reads the tree for free)
+        return torch.tensor(rows.accept(tree.tokens, tree.parents, tree.depths, drawn))
+    return accept_tensors(tree, drawn)
+
+
+def accept_tensors(tree: Tree, drawn: torch.Tensor) -> torch.Tensor:
+    """`accept` in tensor ops, without a host read (any device)."""
     match = tree.tokens == drawn[tree.parents.clamp(min=0)]  # (n,) node agrees with its parent's draw
     match[0] = True
     on_path = tree.paths >= 0  # (n, D+1)

@@ -342,3 +342,28 @@ def test_a_dynamic_tree_in_one_call_is_the_step_by_step_tree(rows, total, depth,
     assert got_used == want_used and torch.equal(got_keys, want_keys)
     assert got.size == min(total, k + (depth - 1) * k * k) + 1
     assert set(got.tokens[1:].tolist()) <= set(head.draft_vocab.tolist())
+
+
+def test_acceptance_in_c_is_the_tensor_acceptance(rows):
+    """engine/kernels.c accept_path picks the node `accept_tensors` picks (the first of the deepest
+    matching ones) on random trees and draws over a small vocabulary, padded trees included."""
+    from engine.tree import make_tree, padded
+    from engine.verify import accept, accept_tensors
+
+    g = torch.Generator().manual_seed(3)
+    picked_deeper = 0
+    for trial in range(300):
+        n = int(torch.randint(2, 40, (1,), generator=g))
+        parents = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n)])
+        depths = torch.zeros(n, dtype=torch.long)
+        for i in range(1, n):
+            depths[i] = depths[parents[i]] + 1
+        tokens = torch.randint(0, 3, (n,), generator=g)
+        tree = make_tree(tokens, parents, depths, torch.zeros(n), int(depths.max()))
+        if trial % 3 == 0:
+            tree = padded(tree, n + 5)
+        drawn = torch.randint(0, 3, (tree.size,), generator=g)
+        got, want = accept(tree, drawn), accept_tensors(tree, drawn)
+        assert got.shape == () and int(got) == int(want)
+        picked_deeper += int(tree.depths[got]) >= 2
+    assert picked_deeper > 30  # the trials reach past the first level
