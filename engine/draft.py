@@ -151,16 +151,20 @@ class Drafter:
 
     def _top(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k draft log-probs and their *target* token ids. (t, k) each"""
-        if self.rows_head is not None:  # products, log-softmax and top-k in one C call
+        if self.rows_head is not None and k <= self.lm_c.N:  # products, log-softmax and top-k in one C call
             return self.rows_head.rows.draft_scores(hidden.float(), self.lm_c, self.vocab_ids, k)
         scores, idx = self._logprobs(hidden).topk(k, dim=-1)
         return scores, (idx if self.vocab_ids is None else self.vocab_ids[idx])
+
+    def _one_call(self, rows: int, top_k: int) -> bool:
+        """Whether a draft step of `rows` rows scoring the top_k runs as one C call (`RowsHead.step`)."""
+        return self.rows_head is not None and rows <= self.rows_head.rows.gemm_rows and top_k <= self.lm_c.N
 
     def _run(self, tokens, features, positions, scratch_mask, top_k: int = 0):
         """Feed t (token, feature) pairs; scratch_mask (t, scratch slots incl. these) or None for causal.
         Returns the head's output (t, H) and, with top_k, `_top(output, top_k)` (else None)."""
         L, t = self.cache.length, tokens.shape[0]
-        if self.rows_head is not None and t <= self.rows_head.rows.gemm_rows:  # one C call
+        if self._one_call(t, top_k):  # one C call
             slots = None if scratch_mask is None else scratch_mask.to(torch.uint8).contiguous()
             lm = self.lm_c if top_k else None
             h, scores, ids = self.rows_head.step(
@@ -198,7 +202,7 @@ class Drafter:
     def dynamic_tree(self, root_token: torch.Tensor, root_hidden: torch.Tensor, cfg: TreeConfig) -> Tree:
         """EAGLE-2: expand the top-k frontier by cumulative log-prob to `depth`, rerank all candidates."""
         self.cache.truncate(self.cache.length)  # forget scratch from an earlier tree
-        if self.rows_head is None or cfg.top_k > self.rows_head.rows.gemm_rows:
+        if not self._one_call(cfg.top_k, cfg.top_k):
             return self._grow(root_token, root_hidden, cfg)
         # The same steps in one C call: the head's levels, the frontier, the early stop and the rerank.
         rows = self.rows_head

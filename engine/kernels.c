@@ -944,6 +944,7 @@ void draft_rows(const layer_t *layer, const linear_t *fc, const float *embed, co
 
 /* ---- an EAGLE-2 draft tree in one call ---- */
 
+#if GEMM_ISA > 0
 /* Whether pool entry a ranks before entry b in the rerank: the higher score, then the earlier entry
    (a stable sort by descending score). */
 static inline int ranks_before(const float *score, long a, long b) {
@@ -960,6 +961,7 @@ static void best_entries(const float *score, long m, long keep, long *best) {
         best[at] = i;
     }
 }
+#endif
 
 /* What engine/draft.py's Drafter.dynamic_tree and engine/tree.py's select_dynamic compute with the
    head's int8 copy, in one call: EAGLE-2's expansion of the top-k frontier by cumulative draft log-prob
