@@ -682,19 +682,25 @@ typedef struct {
 } layer_t;
 
 #if GEMM_ISA > 0
-/* Scratch for forward_rows, one per calling thread, kept between calls: a fresh allocation this size
-   would be mapped and zeroed by the kernel on every call. */
-static __thread char *workspace;
-static __thread size_t workspace_bytes;
+/* Scratch kept between calls, one per calling thread and user: a fresh allocation this size would be
+   mapped and zeroed by the kernel on every call. */
+typedef struct {
+    char *data;
+    size_t bytes;
+} scratch_t;
 
-static char *scratch(size_t bytes) {
-    if (bytes > workspace_bytes) {
-        free(workspace);
-        workspace = malloc(bytes);
-        workspace_bytes = workspace ? bytes : 0;
+static char *grown(scratch_t *s, size_t bytes) {
+    if (bytes > s->bytes) {
+        free(s->data);
+        s->data = malloc(bytes);
+        s->bytes = s->data ? bytes : 0;
     }
-    return workspace;
+    return s->data;
 }
+
+static __thread scratch_t workspace; /* forward_rows' */
+
+static char *scratch(size_t bytes) { return grown(&workspace, bytes); }
 
 static size_t aligned(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
 
@@ -849,17 +855,9 @@ void top_logsoftmax(const float *x, long n, long V, long k, float *values, int64
 /* ---- drafting with an EAGLE-1/2 head ---- */
 
 #if GEMM_ISA > 0
-static __thread char *draft_space; /* the draft functions' own scratch: forward_rows uses `workspace` */
-static __thread size_t draft_bytes;
+static __thread scratch_t draft_space; /* the draft functions' own: they call forward_rows */
 
-static char *draft_scratch(size_t bytes) {
-    if (bytes > draft_bytes) {
-        free(draft_space);
-        draft_space = malloc(bytes);
-        draft_bytes = draft_space ? bytes : 0;
-    }
-    return draft_space;
-}
+static char *draft_scratch(size_t bytes) { return grown(&draft_space, bytes); }
 #endif
 
 /* The k largest draft log-probs of each of m rows of hidden (m, H) over lm's rows (a draft vocabulary),
