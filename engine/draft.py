@@ -9,6 +9,9 @@ cache holds only committed context between cycles.
 
 Every tensor stays on the device: no `.item()`, no Python loop over nodes (loops run over depth). On a
 CPU, where a host read is free, EAGLE-2 drafting reads one boolean per depth to stop early (`_settled`).
+With an int8 target and the C kernels (`RowsHead`), a draft step is one C call and a whole EAGLE-2 tree
+another (engine/kernels.c `draft_rows`, `draft_tree`): the same tree `_grow` builds in tensor ops, without
+the hundred-odd small calls that, right after a verify, cost more than the head's arithmetic.
 """
 
 import torch
