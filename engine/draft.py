@@ -131,7 +131,7 @@ class Drafter:
         self.rows_head = RowsHead.of(head) if RowsHead.applies(head, self.lm_int8) else None
         if self.rows_head is not None:
             self.lm_c = self.rows_head.rows.linear(self.lm_int8)
-            self.embed_table = self.embed.weight.detach().contiguous()  # (V, H) float32
+            self.embed_table = self.embed.weight.detach().float().contiguous()  # (V, H) float32: no copy for int8
             if self.vocab_ids is not None:  # the C calls read it as int64 in memory order
                 self.vocab_ids = self.vocab_ids.long().contiguous()
         # Stop growing a tree once deeper nodes cannot make the cut (`_settled`): the tree is the same, the
