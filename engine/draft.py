@@ -99,7 +99,7 @@ class RowsHead:
         cos, sin = self.rotary.tables(features, int(positions.max()) + 1)
         return self.rows.draft_rows(
             self.table, self.fc_c, embed, tokens.contiguous(), features.float().contiguous(), cos, sin,
-            positions.contiguous(), self.heads, self.head_dim, cache, slots, lm, vocab, k, 0,
+            positions.contiguous(), self.heads, self.head_dim, cache, slots, lm, vocab, k,
         )  # fmt: skip
 
 

@@ -891,12 +891,12 @@ void draft_scores(const float *hidden, long m, long H, const linear_t *lm, const
    cache entry before `committed`, and entries committed .. past + n as `slots` says ((n, past + n -
    committed) uint8, row-major) or, with slots NULL, causally (entry j for j <= past + i). cos_table and
    sin_table hold the rotary angles of every position (hd wide). Where lm is not NULL, draft_scores then
-   scores rows score_from .. n - 1 into scores and ids (n - score_from, k). */
+   scores every row into scores and ids (n, k). */
 void draft_rows(const layer_t *layer, const linear_t *fc, const float *embed, const int64_t *tokens,
                 const float *features, long n, long H, const float *cos_table, const float *sin_table,
                 const int64_t *positions, long heads, long kv_heads, long hd, float *keys, float *values,
                 long capacity, long committed, long past, const uint8_t *slots, const linear_t *lm,
-                const int64_t *vocab, long score_from, long k, float *hidden, float *scores, int64_t *ids,
+                const int64_t *vocab, long k, float *hidden, float *scores, int64_t *ids,
                 int threads) {
 #if GEMM_ISA > 0
     long end = past + n;
@@ -930,12 +930,12 @@ void draft_rows(const layer_t *layer, const linear_t *fc, const float *embed, co
     rescale_rows(acc, fc->wscale, scale, fc->bias, n, H, x);
     forward_rows(layer, 1, x, n, H, cos, sin, heads, kv_heads, hd, keys, values, capacity, past, visible, NULL,
                  0.0f, hidden, threads);
-    if (lm && score_from < n)
-        draft_scores(hidden + score_from * H, n - score_from, H, lm, vocab, k, scores, ids, threads);
+    if (lm) /* its scratch may move draft_space: nothing above is read again */
+        draft_scores(hidden, n, H, lm, vocab, k, scores, ids, threads);
 #else
     (void)layer, (void)fc, (void)embed, (void)tokens, (void)features, (void)n, (void)H, (void)cos_table;
     (void)sin_table, (void)positions, (void)heads, (void)kv_heads, (void)hd, (void)keys, (void)values;
-    (void)capacity, (void)committed, (void)past, (void)slots, (void)lm, (void)vocab, (void)score_from, (void)k;
+    (void)capacity, (void)committed, (void)past, (void)slots, (void)lm, (void)vocab, (void)k;
     (void)hidden, (void)scores, (void)ids, (void)threads;
 #endif
 }
@@ -1008,7 +1008,7 @@ long draft_tree(const layer_t *layer, const linear_t *fc, const float *embed, lo
         for (long r = 0; r < k; r++) memcpy(visible + r * width, slots + r * cols, width);
         for (long r = 0; r < k; r++) positions[r] = committed - 2 + d;
         draft_rows(layer, fc, embed, front_tok, feats, k, H, cos_table, sin_table, positions, heads, kv_heads, hd,
-                   keys, values, capacity, committed, committed + step * k, visible, lm, vocab, 0, k, hidden, top_s,
+                   keys, values, capacity, committed, committed + step * k, visible, lm, vocab, k, hidden, top_s,
                    top_t, threads);
         float *cand = pool_score + m;
         for (long r = 0; r < k; r++)

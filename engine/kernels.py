@@ -40,7 +40,7 @@ SIGNATURES = {
     "argmax_rows": (P, L, L, P),
     "top_logsoftmax": (P, L, L, L, P, P),
     "draft_scores": (P, L, L, P, P, L, P, P, N),
-    "draft_rows": (P, P, P, P, P, L, L, P, P, P, L, L, L, P, P, L, L, L, P, P, P, L, L, P, P, P, N),
+    "draft_rows": (P, P, P, P, P, L, L, P, P, P, L, L, L, P, P, L, L, L, P, P, P, L, P, P, P, N),
     "accept_path": (P, P, P, P, L),
     "draft_tree": (P, P, P, L, P, P, L, L, L, P, P, L, L, P, P, P, ctypes.c_int64, L, L, L, N, P, P, P, P, P, P, P, N),
 }
@@ -284,24 +284,23 @@ class RowKernels:
         return out
 
     def draft_rows(self, table, fc, embed, tokens, features, cos, sin, positions, heads, head_dim, cache, slots,
-                   lm, vocab, k: int, score_from: int):  # fmt: skip
+                   lm, vocab, k: int):  # fmt: skip
         """One step of an EAGLE-1/2 head in one call (engine/kernels.c draft_rows): the head's layer
         `table` over n pairs (tokens (n,), features (n, H)) at `positions` (n,) after the draft cache's
         `used` entries, which it advances by n; slots (n, used - length + n) uint8 or None (causal). With
-        lm (LinearC), also the top-k draft log-probs of rows score_from .. n - 1 and their ids (mapped
-        through vocab, an int64 tensor or None). Returns (hidden (n, H), scores, ids) (None, None without
-        lm)."""
+        lm (LinearC), also every row's top-k draft log-probs and their ids (mapped through vocab, an int64
+        tensor or None). Returns (hidden (n, H), scores (n, k), ids (n, k)) (None, None without lm)."""
         n, hidden_size = features.shape
         if cache.used + n > cache.capacity:
             raise RuntimeError(f"draft cache full ({cache.used} + {n} > {cache.capacity})")
         hidden = torch.empty(n, hidden_size)
-        m = n - score_from if lm is not None else 0
+        m = n if lm is not None else 0
         scores, ids = torch.empty(m, k), torch.empty(m, k, dtype=torch.int64)
         self.lib.draft_rows(
             table, ctypes.addressof(fc), embed.data_ptr(), tokens.data_ptr(), features.data_ptr(), n, hidden_size,
             cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), heads, cache.keys.shape[1], head_dim,
             cache.keys.data_ptr(), cache.values.data_ptr(), cache.capacity, cache.length, cache.used, _ptr(slots),
-            None if lm is None else ctypes.addressof(lm), _ptr(vocab), score_from, k, hidden.data_ptr(),
+            None if lm is None else ctypes.addressof(lm), _ptr(vocab), k, hidden.data_ptr(),
             scores.data_ptr(), ids.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         cache.used += n

@@ -32,21 +32,15 @@ class LevelDrafter(Drafter):
 
 
 class CallDrafter(LevelDrafter):
-    """Each step its own call: the head's int8 layer, the int8 lm_head, then log-softmax and top-k."""
+    """Each step its own call: the head's int8 layer (`RowsHead.run`), the int8 lm_head, then
+    log-softmax and top-k (`Drafter._run`'s path for runs too long for one call)."""
+
+    def _one_call(self, rows, top_k):
+        return False
 
     def _top(self, hidden, k):
         scores, idx = self.rows_head.rows.top_logsoftmax(self._logits(hidden), k)
         return scores, (idx if self.vocab_ids is None else self.vocab_ids[idx])
-
-    def _run(self, tokens, features, positions, scratch_mask, top_k=0):
-        t, used = tokens.shape[0], self.cache.used
-        if scratch_mask is None:  # committed pairs: causal over the context and themselves
-            new = torch.ones(t, t, dtype=torch.bool).tril()
-            mask = torch.cat([torch.ones(t, used, dtype=torch.bool), new], dim=1)
-        else:
-            mask = torch.cat([torch.ones(t, self.cache.length, dtype=torch.bool), scratch_mask], dim=1)
-        h = self.rows_head.run(self.embed(tokens), features, positions, mask, self.cache)
-        return h, self._top(h, top_k) if top_k else None
 
 
 VARIANTS = {"one call per tree": Drafter, "one call per level": LevelDrafter, "call by call": CallDrafter}
